@@ -1,0 +1,115 @@
+"""CAM saliency maps computed by the grad-cam package (and exact fast paths where we have them)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from xai_exp.config import ConfigError
+from xai_exp.models import Classifier
+
+# Config name -> grad-cam class name: every CAM method grad-cam ships for classifiers.
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "hirescam": "HiResCAM",
+    "gradcamplusplus": "GradCAMPlusPlus",
+    "gradcamelementwise": "GradCAMElementWise",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "kpcacam": "KPCA_CAM",
+    "fem": "FEM",
+    "shapleycam": "ShapleyCAM",
+    "fullgrad": "FullGrad",
+    "randomcam": "RandomCAM",
+}
+# Methods whose cost is one forward pass per target-layer channel; they take a batch size.
+BATCHED_METHODS = ("scorecam", "ablationcam")
+# grad-cam modules that print their own tqdm progress bars.
+_NOISY_MODULES = ("pytorch_grad_cam.score_cam", "pytorch_grad_cam.ablation_cam")
+
+
+def check_method(name: str) -> None:
+    """Raise ConfigError for a method name grad-cam does not ship."""
+    if name not in CAM_METHODS:
+        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(CAM_METHODS)}")
+
+
+class _SilentTqdm:
+    """Stand-in for tqdm.tqdm that iterates without printing."""
+
+    def __init__(self, iterable=None, *args, **kwargs) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+
+@contextlib.contextmanager
+def silenced_progress_bars() -> Iterator[None]:
+    """Stop grad-cam's own progress bars for the duration (we show one bar over images)."""
+    patched = []
+    for module_name in _NOISY_MODULES:
+        module = importlib.import_module(module_name)
+        tqdm_module = module.tqdm
+        patched.append((tqdm_module, tqdm_module.tqdm))
+        tqdm_module.tqdm = _SilentTqdm
+    try:
+        yield
+    finally:
+        for tqdm_module, original in patched:
+            tqdm_module.tqdm = original
+
+
+def reference_cam(
+    classifier: Classifier,
+    input_tensor: torch.Tensor,
+    method: str,
+    target_class: int,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """The map grad-cam's own class computes for one normalised image (1x3xHxW): HxW float32."""
+    check_method(method)
+    import pytorch_grad_cam
+
+    cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
+    kwargs = {"batch_size": batch_size} if method == "ablationcam" else {}
+    with silenced_progress_bars(), torch.enable_grad():
+        cam = cam_class(classifier.model, [classifier.target_layer], **kwargs)
+        try:
+            if method == "scorecam":
+                cam.batch_size = batch_size
+            grayscale = cam(
+                input_tensor=input_tensor.to(classifier.device),
+                targets=[ClassifierOutputTarget(target_class)],
+            )
+        finally:
+            cam.activations_and_grads.release()
+    return np.asarray(grayscale[0], dtype=np.float32)
+
+
+def compute_cam(
+    classifier: Classifier,
+    input_tensor: torch.Tensor,
+    method: str,
+    target_class: int,
+    batch_size: int = 32,
+    implementation: str = "fast",
+) -> np.ndarray:
+    """HxW CAM map in grad-cam's format; `fast` uses an exact fast path where one exists."""
+    check_method(method)
+    if implementation == "fast":
+        from xai_exp.explainers import fast_cam
+
+        fast = fast_cam.FAST_METHODS.get(method)
+        if fast is not None and fast_cam.supports(classifier, method):
+            return fast(classifier, input_tensor, target_class, batch_size)
+    return reference_cam(classifier, input_tensor, method, target_class, batch_size)

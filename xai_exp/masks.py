@@ -1,0 +1,67 @@
+"""Binary masks from explanations: CAM top fraction of pixels, LIME top positive superpixels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class DegenerateMapError(ValueError):
+    """A map that no threshold can turn into a meaningful mask (constant, NaN, no positive)."""
+
+
+def check_cam(cam: np.ndarray) -> None:
+    """Raise DegenerateMapError for a NaN or constant map (its top fraction would be arbitrary)."""
+    if not np.all(np.isfinite(cam)):
+        raise DegenerateMapError("CAM map has NaN or infinite values")
+    if float(cam.max()) - float(cam.min()) <= 1e-12:
+        raise DegenerateMapError(f"CAM map is constant ({float(cam.max()):.3g} everywhere)")
+
+
+def cam_top_fraction_mask(cam: np.ndarray, fraction: float) -> np.ndarray:
+    """Pixels among the top `fraction` of the map; ties at the cut are all kept.
+
+    The mask covers at least ceil(fraction * pixels) pixels and at most one tie group more.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    check_cam(cam)
+    count = max(1, math.ceil(fraction * cam.size - 1e-9))
+    flat = cam.ravel()
+    cut = np.partition(flat, flat.size - count)[flat.size - count]
+    return cam >= cut
+
+
+def lime_top_k_mask(segments: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """Union of the k superpixels with the largest positive weights (lime's positive_only)."""
+    chosen = _positive_by_weight(weights)[:k]
+    return np.isin(segments, chosen)
+
+
+def lime_area_matched_mask(
+    segments: np.ndarray, weights: np.ndarray, target_pixels: int
+) -> np.ndarray:
+    """Positive superpixels by descending weight until they cover `target_pixels` pixels."""
+    sizes = np.bincount(segments.ravel(), minlength=len(weights))
+    chosen, covered = [], 0
+    for segment_id in _positive_by_weight(weights):
+        if covered >= target_pixels:
+            break
+        chosen.append(segment_id)
+        covered += int(sizes[segment_id])
+    return np.isin(segments, chosen)
+
+
+def _positive_by_weight(weights: np.ndarray) -> np.ndarray:
+    """Ids of positive-weight superpixels, largest weight first (stable on ties)."""
+    order = np.argsort(-weights, kind="stable")
+    positive = order[weights[order] > 0]
+    if positive.size == 0:
+        raise DegenerateMapError("LIME found no superpixel with positive weight")
+    return positive
+
+
+def lime_weight_map(segments: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per-pixel LIME weight (the weight of the pixel's superpixel)."""
+    return weights[segments].astype(np.float32)

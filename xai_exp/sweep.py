@@ -1,0 +1,79 @@
+"""Hydra callback that groups a multirun sweep under one MLflow parent run."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from xai_exp.tracking import PARENT_TAG, RunLogger, TrackingError, connect
+
+log = logging.getLogger("xai_exp")
+
+
+class MlflowSweepCallback(Callback):
+    """Opens a parent run when a sweep starts; closes it (with the comparison) at the end.
+
+    The parent is closed even when a job fails or the sweep is interrupted: Hydra skips
+    `on_multirun_end` after a failed job, so an exit hook closes it then.
+    """
+
+    def __init__(self) -> None:
+        self.parent: RunLogger | None = None
+        self.sweep_dir: Path | None = None
+        self.cfg: DictConfig | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = config.get("tracking")
+        if tracking is None or not tracking.enabled:
+            return
+        try:
+            client, experiment_id = connect(tracking.uri, tracking.experiment)
+        except TrackingError as error:
+            log.error("%s", error)
+            raise SystemExit(2) from None
+        self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        overrides = " ".join(config.hydra.overrides.task) or "(none)"
+        self.parent = RunLogger.start(
+            client,
+            experiment_id,
+            run_name=f"sweep {self.sweep_dir.name}",
+            tags={"sweep_dir": str(self.sweep_dir), "sweep_overrides": overrides, "role": "sweep"},
+        )
+        self.cfg = config
+        marker = self.sweep_dir / "mlflow_parent.json"
+        marker.write_text(json.dumps({"run_id": self.parent.run_id, "uri": tracking.uri}))
+        atexit.register(self._close, interrupted=True)
+        log.info("sweep parent run %s", self.parent.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close(interrupted=False)
+
+    def _close(self, interrupted: bool) -> None:
+        """Log the comparison to the parent and set its status from the children's."""
+        parent, self.parent = self.parent, None
+        if parent is None:
+            return
+        client = parent.client
+        experiment_id = client.get_run(parent.run_id).info.experiment_id
+        children = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'"
+        )
+        failed = [c for c in children if c.info.status == "FAILED"]
+        try:
+            from xai_exp.compare import log_comparison_to_parent
+
+            log_comparison_to_parent(parent, children, self.sweep_dir)
+        except Exception as error:  # noqa: BLE001 - closing the parent matters more
+            log.warning("could not log the sweep comparison: %s", error)
+        parent.set_tags({"n_children": len(children), "n_failed_children": len(failed)})
+        if failed:
+            parent.finish("FAILED")
+        else:
+            parent.finish("KILLED" if interrupted else "FINISHED")
