@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # works from any directory, uninstalled
 
-from xai_exp.cli import register_configs, run_job  # noqa: E402
+from xai_exp.cli import register_configs, run_job
 
 register_configs()
 

@@ -90,8 +90,12 @@ def _atomic_write_text(path: Path, text: str) -> Path:
 def explanation_params(cfg: StudyConfig, classifier: Classifier) -> dict[str, Any]:
     """What determines the explanations, as JSON (never pickled)."""
     return {
-        "model": {"arch": classifier.arch, "identity": classifier.identity,
-                  "target_layer": classifier.target_layer_name, "input_size": classifier.input_size},
+        "model": {
+            "arch": classifier.arch,
+            "identity": classifier.identity,
+            "target_layer": classifier.target_layer_name,
+            "input_size": classifier.input_size,
+        },
         "method": OmegaConf.to_container(OmegaConf.structured(cfg.method)),
         "lime": OmegaConf.to_container(OmegaConf.structured(cfg.lime)),
         "threshold": OmegaConf.to_container(OmegaConf.structured(cfg.threshold)),
@@ -236,8 +240,12 @@ def execute(cfg: StudyConfig, context: dict[str, Any]) -> float:
             _run_tags(cfg, classifier, context),
             parent_run_id=_parent_run_id(context),
         )
-        log.info("MLflow run %s in experiment %r at %s", run.run_id, cfg.tracking.experiment,
-                 cfg.tracking.uri)
+        log.info(
+            "MLflow run %s in experiment %r at %s",
+            run.run_id,
+            cfg.tracking.experiment,
+            cfg.tracking.uri,
+        )
         run.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
         config_path = _atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         run.log_artifact(config_path)
@@ -249,8 +257,12 @@ def execute(cfg: StudyConfig, context: dict[str, Any]) -> float:
         _write_outputs(out_dir, cfg, classifier, results, skipped, metrics, run)
         log.info(
             "%s vs LIME on %d images: mean IoU %.3f, median %.3f (%d computed, %d reused)",
-            cfg.method.name, len(results), metrics["mean_iou"], metrics["median_iou"],
-            study.computed, study.reused,
+            cfg.method.name,
+            len(results),
+            metrics["mean_iou"],
+            metrics["median_iou"],
+            study.computed,
+            study.reused,
         )
         return metrics["mean_iou"]
     except BaseException as caught:
@@ -281,15 +293,22 @@ def _write_outputs(
     metrics: dict[str, float],
     run: RunLogger | None,
 ) -> None:
-    chart = plots.save_figure(plots.iou_bar_chart(results, cfg.method.name), out_dir / "iou_bar_chart.png")
+    chart = plots.save_figure(
+        plots.iou_bar_chart(results, cfg.method.name), out_dir / "iou_bar_chart.png"
+    )
     params_path = _atomic_write_text(
         out_dir / "explanation_params.json",
         json.dumps(explanation_params(cfg, classifier), indent=2),
     )
     summary_path = _atomic_write_text(
         out_dir / "summary.json",
-        json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                    for k, v in metrics.items()}, indent=2),
+        json.dumps(
+            {
+                k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in metrics.items()
+            },
+            indent=2,
+        ),
     )
     skipped_path = None
     if skipped:

@@ -144,7 +144,9 @@ def validate(cfg: StudyConfig) -> None:
         cfg.data.source != "folder" or bool(cfg.data.dir),
         "data.source=folder needs data.dir=PATH (a folder of images)",
     )
-    _check(cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit={cfg.data.limit} must be >= 1")
+    _check(
+        cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit={cfg.data.limit} must be >= 1"
+    )
     _check(cfg.model.input_size >= 8, f"model.input_size={cfg.model.input_size} must be >= 8")
     target = cfg.method.target_class
     _check(target is None or target >= 0, f"method.target_class={target} must be >= 0 or null")

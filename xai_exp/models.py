@@ -152,7 +152,7 @@ def _torchvision_net(cfg: ModelConfig) -> tuple[nn.Module, list[str]]:
         ) from error
     try:
         net = torchvision.models.get_model(cfg.arch, weights=weights)
-    except Exception as error:  # noqa: BLE001 - any download failure gets the same advice
+    except Exception as error:
         raise ModelLoadError(
             f"could not get torchvision weights {cfg.arch}.{cfg.weights} ({type(error).__name__}); "
             "offline? use model.checkpoint=PATH for a local state dict, or the offline default "
@@ -174,7 +174,7 @@ def _load_checkpoint(net: nn.Module, path: str) -> None:
         raise ConfigError(f"model.checkpoint={path}: file not found")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - corrupt or pickled-object files alike
+    except Exception as error:
         raise ModelLoadError(
             f"model.checkpoint={path}: not a loadable state dict ({error}".splitlines()[0] + ")"
         ) from error
@@ -184,7 +184,9 @@ def _load_checkpoint(net: nn.Module, path: str) -> None:
         net.load_state_dict(state)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
-        raise ModelLoadError(f"model.checkpoint={path} does not fit {type(net).__name__}: {first}")
+        raise ModelLoadError(
+            f"model.checkpoint={path} does not fit {type(net).__name__}: {first}"
+        ) from error
 
 
 def build_network(cfg: ModelConfig) -> tuple[nn.Module, list[str], tuple, tuple]:

@@ -72,6 +72,7 @@ class ImageResult:
 
     CSV_COLUMNS = (
         "image",
+        "artifact_stem",
         "status",
         "reason",
         "predicted_class",

@@ -11,11 +11,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from skimage.segmentation import mark_boundaries  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from skimage.segmentation import mark_boundaries
 
-from xai_exp.pipeline import ImageResult  # noqa: E402
+from xai_exp.pipeline import ImageResult
 
 
 def save_figure(figure: plt.Figure, path: Path) -> Path:
@@ -56,7 +56,10 @@ def overlay_figure(result: ImageResult, method: str) -> plt.Figure:
         axes[2].imshow(mark_boundaries(image, arrays["segments"], color=(1, 1, 0)))
         axes[2].imshow(weights, cmap="RdBu_r", alpha=0.5, vmin=-limit, vmax=limit)
     axes[2].set_title("LIME superpixel weights")
-    for axis, key, label in ((axes[3], "cam_mask", "CAM mask"), (axes[4], "lime_mask", "LIME mask")):
+    for axis, key, label in (
+        (axes[3], "cam_mask", "CAM mask"),
+        (axes[4], "lime_mask", "LIME mask"),
+    ):
         mask = arrays.get(key)
         if mask is None:
             axis.text(0.5, 0.5, "no mask\n(flagged)", ha="center", va="center")
@@ -78,8 +81,13 @@ def iou_bar_chart(results: Sequence[ImageResult], method: str) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     axis.bar(range(len(names)), np.nan_to_num(values, nan=0.0), color="tab:blue")
     for index, value in enumerate(values):
-        axis.text(index, (0 if math.isnan(value) else value) + 0.01,
-                  "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", fontsize=8)
+        axis.text(
+            index,
+            (0 if math.isnan(value) else value) + 0.01,
+            "n/a" if math.isnan(value) else f"{value:.2f}",
+            ha="center",
+            fontsize=8,
+        )
     finite = [v for v in values if not math.isnan(v)]
     if finite:
         mean = float(np.mean(finite))

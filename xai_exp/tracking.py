@@ -27,7 +27,10 @@ class TrackingError(RuntimeError):
 @contextlib.contextmanager
 def _fail_fast_http() -> Iterator[None]:
     """Temporarily make MLflow's HTTP client give up at once instead of retrying for minutes."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
     try:
@@ -54,12 +57,12 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                 return client, found.experiment_id
             try:
                 return client, client.create_experiment(experiment)
-            except Exception:  # noqa: BLE001 - lost a creation race: it exists now
+            except Exception:
                 found = client.get_experiment_by_name(experiment)
                 if found is None:
                     raise
                 return client, found.experiment_id
-    except Exception as error:  # noqa: BLE001 - every store error gets the same advice
+    except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TrackingError(
             f"tracking store {uri} is unreachable ({type(error).__name__}: {first[:160]}); "
@@ -109,7 +112,8 @@ class RunLogger:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params in batches; values are stringified (None as 'null')."""
         items = [
-            Param(key, "null" if value is None else str(value)[:6000]) for key, value in params.items()
+            Param(key, "null" if value is None else str(value)[:6000])
+            for key, value in params.items()
         ]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + BATCH])

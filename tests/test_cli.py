@@ -1,0 +1,173 @@
+"""End to end: `python run.py` against a real sqlite MLflow store in tmp_path."""
+
+import csv
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+TINY = [
+    "model=resnet18",
+    "model.weights=null",
+    "model.input_size=64",
+    "data.limit=2",
+    "lime.num_samples=30",
+    "progress=false",
+]
+
+
+def run_cli(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run run.py from tmp_path (not the repo), with its own store and cache."""
+    args = [
+        sys.executable,
+        str(RUN_PY),
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"cache.dir={tmp_path}/cache",
+        *overrides,
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def runs(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("xai-exp")
+    if experiment is None:
+        return client, []
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_run_logs_params_metrics_and_artifacts(tmp_path):
+    done = run_cli(tmp_path, *TINY)
+    assert done.returncode == 0, done.stderr
+    client, [run] = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["method.name"] == "gradcam"
+    assert params["lime.num_samples"] == "30"
+    assert params["threshold.cam_top_fraction"] == "0.1"
+    assert params["model.arch"] == "resnet18"
+    metrics = run.data.metrics
+    assert 0 <= metrics["mean_iou"] <= 1
+    assert {
+        "median_iou",
+        "mean_cam_seconds",
+        "mean_lime_seconds",
+        "mean_segmentation_seconds",
+    } <= set(metrics)
+    assert metrics["explanations_computed"] == 6
+    history = client.get_metric_history(run.info.run_id, "image_iou")
+    assert sorted(m.step for m in history) == [0, 1]
+    tags = run.data.tags
+    assert tags["model"] == "resnet18"
+    assert tags["method"] == "gradcam"
+    assert tags["device"] == "cpu"
+    assert {"version.torch", "version.grad-cam", "version.lime"} <= set(tags)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "config.yaml",
+        "results.csv",
+        "iou_bar_chart.png",
+        "explanation_params.json",
+        "results_table.json",
+        "overlays",
+    } <= artifacts
+    overlays = {a.path for a in client.list_artifacts(run.info.run_id, "overlays")}
+    assert overlays == {"overlays/astronaut.png", "overlays/chelsea.png"}
+    local = client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path / "dl"))
+    rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    assert [r["image"] for r in rows] == ["astronaut", "chelsea"]
+    assert all(r["status"] == "ok" and 0 <= float(r["iou"]) <= 1 for r in rows)
+    # outputs go to the working directory, not the repository
+    assert list((tmp_path / "outputs").rglob("overlays/chelsea.png"))
+
+    # the same config again reuses everything and gives identical IoU values
+    again = run_cli(tmp_path, *TINY)
+    assert again.returncode == 0, again.stderr
+    client, both = runs(tmp_path)
+    newest = max(both, key=lambda r: r.info.start_time)
+    assert newest.data.metrics["explanations_computed"] == 0
+    assert newest.data.metrics["explanations_reused"] == 6
+    assert newest.data.metrics["mean_iou"] == metrics["mean_iou"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["threshold.cam_top_fraction=1.5"], "threshold.cam_top_fraction=1.5 must be in (0, 1]"),
+        (["lime.num_samples=0"], "lime.num_samples=0 must be >= 1"),
+        (["model.target_layer=layer5.-1"], "did you mean"),
+        (["method.target_class=5000"], "method.target_class=5000 is out of range"),
+        (["data=folder", "data.dir=/nonexistent/xai"], "/nonexistent/xai"),
+    ],
+)
+def test_bad_config_is_one_line_and_leaves_no_finished_run(tmp_path, overrides, expected):
+    done = run_cli(tmp_path, *TINY, *overrides, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("xai-exp:")]
+    assert len(error_lines) == 1, done.stderr
+    assert expected in error_lines[0]
+    _, logged = runs(tmp_path)
+    assert not [r for r in logged if r.info.status == "FINISHED"]
+
+
+def test_unknown_method_lists_options(tmp_path):
+    done = run_cli(tmp_path, "method=nosuch", timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "Available options" in done.stderr
+    assert "scorecam" in done.stderr
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once we leave: nothing listens there
+    started = time.monotonic()
+    done = run_cli(tmp_path, *TINY, f"tracking.uri=http://127.0.0.1:{port}", timeout=120)
+    assert done.returncode == 2
+    assert f"http://127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "cache").exists()  # failed before any compute
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_keeps_finished_images(tmp_path):
+    args = [
+        sys.executable,
+        str(RUN_PY),
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"cache.dir={tmp_path}/cache",
+        *TINY,
+        "data.limit=6",
+        "lime.num_samples=400",
+    ]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    csv_rows = 0
+    while time.monotonic() < deadline and csv_rows < 2:
+        time.sleep(0.5)
+        found = list((tmp_path / "outputs").rglob("results.csv"))
+        csv_rows = len(found[0].read_text().splitlines()) if found else 0
+    assert csv_rows >= 2, "no image finished in time"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    client, [run] = runs(tmp_path)
+    assert run.info.status == "KILLED", stderr
+    local = client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path / "dl"))
+    assert len(Path(local).read_text().splitlines()) >= 2  # header + finished images

@@ -1,0 +1,117 @@
+"""The study pipeline on a tiny CNN: cache reuse, flags, failures, determinism."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import smooth_image, tiny_classifier
+
+from xai_exp.cache import ExplanationCache
+from xai_exp.config import ConfigError, LimeConfig, MethodConfig, StudyConfig, ThresholdConfig
+from xai_exp.data import ImageItem
+from xai_exp.pipeline import Study, run_study
+
+
+def item(name: str, seed: int) -> ImageItem:
+    return ImageItem(name, name, smooth_image(seed=seed), f"hash-{name}", name)
+
+
+def config(fraction: float = 0.1, **lime) -> StudyConfig:
+    lime_cfg = LimeConfig(num_samples=40, batch_size=16, **lime)
+    lime_cfg.segmentation.algorithm = "slic"
+    lime_cfg.segmentation.params = {"n_segments": 16, "compactness": 10, "start_label": 0}
+    return StudyConfig(
+        method=MethodConfig(name="gradcam"),
+        threshold=ThresholdConfig(cam_top_fraction=fraction),
+        lime=lime_cfg,
+        progress=False,
+    )
+
+
+IMAGES = [item("a", 1), item("b", 3)]
+
+
+def test_threshold_change_reuses_every_explanation(tmp_path):
+    classifier = tiny_classifier()
+    cache = ExplanationCache(tmp_path)
+    first = Study(config(0.1), classifier, cache)
+    results = run_study(first, IMAGES, progress=False)
+    assert (first.computed, first.reused) == (6, 0)  # CAM, superpixels, LIME per image
+
+    second = Study(config(0.3), classifier, cache)
+    again = run_study(second, IMAGES, progress=False)
+    assert (second.computed, second.reused) == (0, 6)
+    assert all(r.cam_reused and r.lime_reused and r.segmentation_reused for r in again)
+    # reused runtimes are the ones measured when computed
+    assert [r.cam_seconds for r in again] == [r.cam_seconds for r in results]
+    assert all(
+        b.cam_mask_fraction > a.cam_mask_fraction for a, b in zip(results, again, strict=True)
+    )
+
+
+def test_sample_count_recomputes_lime_but_not_superpixels(tmp_path):
+    classifier = tiny_classifier()
+    cache = ExplanationCache(tmp_path)
+    run_study(Study(config(), classifier, cache), IMAGES[:1], progress=False)
+    study = Study(config(), classifier, cache)
+    study.cfg.lime.num_samples = 60
+    [result] = run_study(study, IMAGES[:1], progress=False)
+    assert (result.cam_reused, result.segmentation_reused, result.lime_reused) == (
+        True,
+        True,
+        False,
+    )
+
+
+def test_same_config_twice_gives_identical_iou(tmp_path):
+    runs = []
+    for _ in range(2):
+        study = Study(config(), tiny_classifier(), ExplanationCache(enabled=False))
+        runs.append([r.iou for r in run_study(study, IMAGES, progress=False)])
+    assert runs[0] == runs[1]
+    assert all(value is not None and 0 <= value <= 1 for value in runs[0])
+
+
+def test_dead_model_is_flagged_not_thresholded():
+    classifier = tiny_classifier()
+    with torch.no_grad():
+        for parameter in classifier.model.features.parameters():
+            parameter.zero_()  # target layer output is 0 everywhere: constant map, flat LIME
+    study = Study(config(), classifier, ExplanationCache(enabled=False))
+    [result] = run_study(study, IMAGES[:1], progress=False)
+    assert result.status == "flagged"
+    assert result.iou is None
+    assert "constant" in result.reason
+    assert "no superpixel with positive weight" in result.reason
+    assert "cam_mask" not in result.arrays
+
+
+def test_one_failing_image_does_not_lose_the_others():
+    broken = dataclasses.replace(item("broken", 3), image=np.zeros((0, 0, 3), np.uint8))
+    study = Study(config(), tiny_classifier(), ExplanationCache(enabled=False))
+    seen = []
+    results = run_study(
+        study, [IMAGES[0], broken, IMAGES[1]], on_result=lambda i, r: seen.append(i)
+    )
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert results[1].reason
+    assert "\n" not in results[1].reason
+    assert seen == [0, 1, 2]
+
+
+def test_target_class_out_of_range_fails_before_compute():
+    cfg = config()
+    cfg.method.target_class = 10
+    with pytest.raises(ConfigError, match=r"out of range.*10 classes"):
+        Study(cfg, tiny_classifier(), ExplanationCache(enabled=False))
+
+
+def test_configured_target_class_is_explained():
+    cfg = config()
+    cfg.method.target_class = 7
+    [result] = run_study(Study(cfg, tiny_classifier(), ExplanationCache(enabled=False)), IMAGES[:1])
+    assert result.target_class == 7
+    assert result.target_label == "class7"
+    assert not math.isnan(result.probability)

@@ -1,0 +1,46 @@
+"""Tiny CNNs and images shared by the unit tests (CPU, milliseconds per forward pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from xai_exp.models import Classifier, prepare_classifier
+
+
+class TinyCNN(nn.Module):
+    """conv-relu-conv-relu (target layer `features.3`) -> global average pool -> linear."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, stride=2),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10) -> Classifier:
+    """A seeded TinyCNN wrapped as a Classifier."""
+    torch.manual_seed(seed)
+    return prepare_classifier(
+        TinyCNN(classes),
+        arch=f"tiny-{seed}",
+        target_layer="features.3",
+        input_size=size,
+        labels=[f"class{i}" for i in range(classes)],
+    )
+
+
+def smooth_image(size: int = 32, seed: int = 0) -> np.ndarray:
+    """A blocky random RGB image: structured enough for superpixels."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return np.kron(blocks, np.ones((size // 4, size // 4, 1), dtype=np.uint8))
