@@ -171,26 +171,28 @@ def _job_context() -> dict[str, Any]:
         "sweep_dir": str(Path(hydra.sweep.dir).resolve()) if multirun else None,
         "override_dirname": hydra.job.override_dirname,
         "job_num": hydra.job.get("num"),
+        "task_overrides": list(hydra.overrides.task),
         "choices": {k: v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra/")},
     }
 
 
-def _parent_run_id(context: dict[str, Any]) -> str | None:
+def _parent_marker(context: dict[str, Any]) -> dict[str, Any] | None:
+    """What the sweep callback left for the jobs: parent run id and swept keys."""
     if not context["multirun"]:
         return None
     marker = Path(context["sweep_dir"]) / PARENT_FILE
-    if marker.is_file():
-        return json.loads(marker.read_text())["run_id"]
-    return None
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _run_tags(cfg: StudyConfig, classifier: Classifier, context: dict[str, Any]) -> dict[str, str]:
+def _parent_run_id(context: dict[str, Any]) -> str | None:
+    marker = _parent_marker(context)
+    return marker["run_id"] if marker else None
+
+
+def _run_tags(cfg: StudyConfig, context: dict[str, Any]) -> dict[str, str]:
     versions = library_versions()
     tags = {
-        "model": classifier.arch,
-        "model_identity": classifier.identity,
         "method": cfg.method.name,
-        "device": str(classifier.device),
         "precision": cfg.precision,
         "version.torch": versions["torch"],
         "version.grad-cam": versions["grad-cam"],
@@ -209,49 +211,50 @@ def _run_tags(cfg: StudyConfig, classifier: Classifier, context: dict[str, Any])
     return tags
 
 
+def _model_tags(cfg: StudyConfig, classifier: Classifier) -> dict[str, str]:
+    return {
+        "model": classifier.arch,
+        "model_identity": classifier.identity,
+        "device": str(classifier.device),
+    }
+
+
 def _run_name(cfg: StudyConfig, context: dict[str, Any]) -> str:
+    """tracking.run_name; in a sweep the swept overrides (`method=gradcam,threshold=top5`)."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    if context["multirun"] and context["override_dirname"]:
-        return context["override_dirname"]
+    if context["multirun"]:
+        marker = _parent_marker(context)
+        swept = set(marker.get("swept_keys", [])) if marker else set()
+        named = [o for o in context["task_overrides"] if o.split("=", 1)[0].lstrip("+~") in swept]
+        if named:
+            return ",".join(named)
+        if context["override_dirname"]:
+            return context["override_dirname"]
     return f"{cfg.method.name}-{cfg.model.arch}-top{cfg.threshold.cam_top_fraction:g}"
 
 
 def execute(cfg: StudyConfig, context: dict[str, Any]) -> float:
-    """Run one study and log it; returns the mean IoU. User errors surface before compute."""
+    """Run one study and log it; returns the mean IoU.
+
+    Config values are checked before anything else; once the tracking store answers, the run
+    exists, so any later failure (a missing folder, a model that does not load) is recorded in
+    it as FAILED with the reason, and the images finished so far are kept.
+    """
     validate(cfg)
     check_method(cfg.method.name)
-    client = experiment_id = None
-    if cfg.tracking.enabled:
-        client, experiment_id = connect(cfg.tracking.uri, cfg.tracking.experiment)
-    items, skipped = load_images(cfg)
-    classifier = load_classifier(cfg.model, cfg.device)
-    cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    study = Study(cfg, classifier, cache)
-
     out_dir = Path(context["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = None
-    if client is not None:
-        run = RunLogger.start(
-            client,
-            experiment_id,
-            _run_name(cfg, context),
-            _run_tags(cfg, classifier, context),
-            parent_run_id=_parent_run_id(context),
-        )
-        log.info(
-            "MLflow run %s in experiment %r at %s",
-            run.run_id,
-            cfg.tracking.experiment,
-            cfg.tracking.uri,
-        )
-        run.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
-        config_path = _atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-        run.log_artifact(config_path)
-    writer = ResultsWriter(out_dir, cfg, run)
+    run = _start_run(cfg, context, out_dir) if cfg.tracking.enabled else None
+    writer: ResultsWriter | None = None
     error: BaseException | None = None
     try:
+        items, skipped = load_images(cfg)
+        classifier = load_classifier(cfg.model, cfg.device)
+        study = Study(cfg, classifier, ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled))
+        if run is not None:
+            run.set_tags(_model_tags(cfg, classifier))
+        writer = ResultsWriter(out_dir, cfg, run)
         results = run_study(study, items, on_result=writer, progress=cfg.progress)
         metrics = summary_metrics(results, study, len(skipped))
         _write_outputs(out_dir, cfg, classifier, results, skipped, metrics, run)
@@ -275,11 +278,33 @@ def execute(cfg: StudyConfig, context: dict[str, Any]) -> float:
             run.finish(terminal_status(error))
 
 
-def _log_partial(run: RunLogger, writer: ResultsWriter, error: BaseException) -> None:
+def _start_run(cfg: StudyConfig, context: dict[str, Any], out_dir: Path) -> RunLogger:
+    """Create the MLflow run (a child when in a sweep) and log the resolved config."""
+    client, experiment_id = connect(cfg.tracking.uri, cfg.tracking.experiment)
+    run = RunLogger.start(
+        client,
+        experiment_id,
+        _run_name(cfg, context),
+        _run_tags(cfg, context),
+        parent_run_id=_parent_run_id(context),
+    )
+    log.info(
+        "MLflow run %s in experiment %r at %s",
+        run.run_id,
+        cfg.tracking.experiment,
+        cfg.tracking.uri,
+    )
+    run.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
+    run.log_artifact(_atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg)))
+    return run
+
+
+def _log_partial(run: RunLogger, writer: ResultsWriter | None, error: BaseException) -> None:
     """Keep what finished before a failure: the results so far and the reason."""
     try:
         run.set_tags({"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]})
-        run.log_artifact(writer.csv_path)
+        if writer is not None:
+            run.log_artifact(writer.csv_path)
     except Exception as upload_error:  # noqa: BLE001 - never mask the original failure
         log.warning("could not log partial results: %s", upload_error)
 

@@ -16,6 +16,16 @@ from xai_exp.tracking import PARENT_TAG, RunLogger, TrackingError, connect
 log = logging.getLogger("xai_exp")
 
 
+def swept_keys(config: DictConfig) -> list[str]:
+    """Config keys the sweep varies: sweep overrides on the command line and sweeper params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    params = config.hydra.sweeper.get("params") or {}
+    return sorted(set(keys) | set(params))
+
+
 class MlflowSweepCallback(Callback):
     """Opens a parent run when a sweep starts; closes it (with the comparison) at the end.
 
@@ -48,7 +58,15 @@ class MlflowSweepCallback(Callback):
         )
         self.cfg = config
         marker = self.sweep_dir / "mlflow_parent.json"
-        marker.write_text(json.dumps({"run_id": self.parent.run_id, "uri": tracking.uri}))
+        marker.write_text(
+            json.dumps(
+                {
+                    "run_id": self.parent.run_id,
+                    "uri": tracking.uri,
+                    "swept_keys": swept_keys(config),
+                }
+            )
+        )
         atexit.register(self._close, interrupted=True)
         log.info("sweep parent run %s", self.parent.run_id)
 

@@ -1,0 +1,100 @@
+"""Multirun sweeps: one parent run, named child runs, shared cache, failures kept apart."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+TINY = [
+    "model=resnet18",
+    "model.weights=null",
+    "model.input_size=64",
+    "data.limit=2",
+    "lime.num_samples=30",
+    "progress=false",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable,
+        str(RUN_PY),
+        "-m",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"cache.dir={tmp_path}/cache",
+        *TINY,
+        *overrides,
+    ]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+
+
+def parents_and_children(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("xai-exp")
+    every = client.search_runs([experiment.experiment_id])
+    parents = [r for r in every if r.data.tags.get("role") == "sweep"]
+    children = [r for r in every if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_threshold_sweep_is_one_parent_with_named_children_and_no_recompute(tmp_path):
+    done = sweep(tmp_path, "threshold=top5,top10,top20")
+    assert done.returncode == 0, done.stderr
+    _, [parent], children = parents_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.info.run_name for c in children) == [
+        "threshold=top10",
+        "threshold=top20",
+        "threshold=top5",
+    ]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert Path(child.data.tags["sweep_dir"]).is_dir()
+        assert child.data.tags["choice.threshold"] in {"top5", "top10", "top20"}
+    # the three thresholds cost the explanations of one run: 3 per image, computed once
+    assert sum(c.data.metrics["explanations_computed"] for c in children) == 6
+    assert sum(c.data.metrics["explanations_reused"] for c in children) == 12
+    ious = sorted(c.data.metrics["mean_iou"] for c in children)
+    assert len(set(ious)) > 1  # thresholds do change the masks
+
+    rerun = sweep(tmp_path, "threshold=top5,top10,top20")
+    assert rerun.returncode == 0, rerun.stderr
+    _, parents, children = parents_and_children(tmp_path)
+    assert len(parents) == 2
+    newest = max(parents, key=lambda r: r.info.start_time)
+    fresh = [c for c in children if c.data.tags["mlflow.parentRunId"] == newest.info.run_id]
+    assert len(fresh) == 3
+    assert sum(c.data.metrics["explanations_computed"] for c in fresh) == 0
+
+
+def test_failing_job_fails_its_child_and_parent_but_keeps_the_others(tmp_path):
+    done = sweep(tmp_path, "model.target_layer=layer4.-1,layer9")
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "layer9" in done.stderr
+    _, [parent], children = parents_and_children(tmp_path)
+    assert parent.info.status == "FAILED"
+    by_name = {c.info.run_name: c for c in children}
+    good, bad = by_name["model.target_layer=layer4.-1"], by_name["model.target_layer=layer9"]
+    assert good.info.status == "FINISHED"
+    assert 0 <= good.data.metrics["mean_iou"] <= 1
+    assert bad.info.status == "FAILED"
+    assert "layer9" in bad.data.tags["error"]
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_against_sqlite(tmp_path):
+    done = sweep(
+        tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=gradcam,hirescam"
+    )
+    assert done.returncode == 0, done.stderr
+    _, [parent], children = parents_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == ["method=gradcam", "method=hirescam"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all("mean_iou" in c.data.metrics for c in children)
