@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -171,3 +172,49 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_finished_images(tmp_path):
     assert run.info.status == "KILLED", stderr
     local = client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path / "dl"))
     assert len(Path(local).read_text().splitlines()) >= 2  # header + finished images
+
+
+def mixed_folder(folder: Path) -> None:
+    """Every kind of image a real folder holds, broken ones included."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "photo one.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((40, 60), 128, np.uint8)])).save(folder / "alpha.png")
+    Image.fromarray((rng.random((30, 30)) * 65535).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).save(folder / "café's.png")
+    Image.fromarray(rgb[:1, :1]).save(folder / "tiny.png")
+    good = (folder / "photo one.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / ".DS_Store").write_bytes(b"\x00\x01")
+
+
+@pytest.mark.slow
+def test_mixed_folder_explains_valid_images_and_names_broken_ones(tmp_path):
+    mixed_folder(tmp_path / "images")
+    tiny = [o for o in TINY if not o.startswith("data.limit")]
+    done = run_cli(tmp_path, *tiny, "data=folder", f"data.dir={tmp_path / 'images'}")
+    assert done.returncode == 0, done.stderr
+    for name in ("truncated.jpg", "notes.jpg", "empty.png"):
+        assert name in done.stdout + done.stderr  # one warning line each
+    client, [run] = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["n_skipped_files"] == 3
+    assert run.data.metrics["n_images"] == 7
+    assert run.data.metrics["n_failed"] == 0
+    skipped = client.download_artifacts(run.info.run_id, "skipped_files.csv", str(tmp_path / "d"))
+    rows = csv.DictReader(io.StringIO(Path(skipped).read_text()))
+    assert {Path(row["path"]).name for row in rows} == {
+        "truncated.jpg",
+        "notes.jpg",
+        "empty.png",
+    }
+    overlays = {a.path for a in client.list_artifacts(run.info.run_id, "overlays")}
+    assert len(overlays) == 7
+    assert all("/" not in p.removeprefix("overlays/") for p in overlays)
