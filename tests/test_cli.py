@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
@@ -112,6 +113,11 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
         (["model.target_layer=layer5.-1"], "did you mean"),
         (["method.target_class=5000"], "method.target_class=5000 is out of range"),
         (["data=folder", "data.dir=/nonexistent/xai"], "/nonexistent/xai"),
+        pytest.param(
+            ["device=cuda"],
+            "no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
     ],
 )
 def test_bad_config_is_one_line_and_leaves_no_finished_run(tmp_path, overrides, expected):

@@ -26,7 +26,7 @@ from xai_exp.config import ConfigError, StudyConfig, validate
 from xai_exp.data import DataError, ImageItem, SkippedFile, bundled_images, folder_images
 from xai_exp.explainers.cam import check_method
 from xai_exp.metrics import summarize
-from xai_exp.models import Classifier, ModelLoadError, load_classifier
+from xai_exp.models import Classifier, ModelLoadError, load_classifier, resolve_device
 from xai_exp.pipeline import ImageResult, Study, library_versions, run_study
 from xai_exp.tracking import RunLogger, TrackingError, connect, flatten, terminal_status
 
@@ -243,6 +243,7 @@ def execute(cfg: StudyConfig, context: dict[str, Any]) -> float:
     """
     validate(cfg)
     check_method(cfg.method.name)
+    resolve_device(cfg.device)
     out_dir = Path(context["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _start_run(cfg, context, out_dir) if cfg.tracking.enabled else None
