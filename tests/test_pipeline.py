@@ -115,3 +115,25 @@ def test_configured_target_class_is_explained():
     assert result.target_class == 7
     assert result.target_label == "class7"
     assert not math.isnan(result.probability)
+
+
+def test_metrics_beyond_iou_are_computed_once_and_reused_across_thresholds(tmp_path):
+    classifier = tiny_classifier()
+    cache = ExplanationCache(tmp_path)
+    cfg = config(0.1)
+    cfg.metrics.faithfulness = cfg.metrics.sanity = True
+    cfg.metrics.steps, cfg.metrics.sanity_layers = 5, 2
+    [first] = run_study(Study(cfg, classifier, cache), IMAGES[1:], progress=False)
+    for name in ("iou_auc", "spearman", "cam_deletion_auc", "lime_insertion_auc"):
+        assert 0 <= abs(getattr(first, name)) <= 1, name
+    assert first.pointing_game in (0.0, 1.0)
+    assert first.randomisation_passed == (abs(first.randomisation_rho) < 0.5)
+    assert set(first.arrays["faithfulness"]) == {"cam", "lime"}
+
+    cfg.threshold.cam_top_fraction = 0.3
+    hits_before = cache.hits
+    [second] = run_study(Study(cfg, classifier, cache), IMAGES[1:], progress=False)
+    assert cache.hits - hits_before == 6  # 3 explanations + 2 curves + 1 sanity check
+    assert second.cam_deletion_auc == first.cam_deletion_auc
+    assert second.randomisation_rho == first.randomisation_rho
+    assert second.iou_auc == first.iou_auc  # threshold-free: independent of the cut

@@ -25,6 +25,7 @@ from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, StudyConfig, validate
 from xai_exp.data import DataError, ImageItem, SkippedFile, bundled_images, folder_images
 from xai_exp.explainers.cam import check_method
+from xai_exp.faithfulness import curve_plot
 from xai_exp.metrics import summarize
 from xai_exp.models import Classifier, ModelLoadError, load_classifier, resolve_device
 from xai_exp.pipeline import ImageResult, Study, library_versions, run_study
@@ -114,6 +115,7 @@ class ResultsWriter:
         self.run = run
         self.csv_path = out_dir / "results.csv"
         self.results: list[ImageResult] = []
+        self.curves: dict[str, list] = {}  # faithfulness curves per map source, for the plot
         with self.csv_path.open("w", newline="", encoding="utf-8") as file:
             csv.DictWriter(file, fieldnames=ImageResult.CSV_COLUMNS).writeheader()
 
@@ -126,16 +128,15 @@ class ResultsWriter:
             plots.save_figure(plots.overlay_figure(result, self.cfg.method.name), overlay)
             if self.run:
                 self.run.log_artifact(overlay, "overlays")
+        for source, curves in result.arrays.get("faithfulness", {}).items():
+            self.curves.setdefault(source, []).append(curves)
         if self.run:
-            self.run.log_metrics(
-                {
-                    "image_iou": result.iou,
-                    "image_cam_seconds": result.cam_seconds,
-                    "image_lime_seconds": result.lime_seconds,
-                    "image_segmentation_seconds": result.segmentation_seconds,
-                },
-                step=index,
-            )
+            per_image = {
+                f"image_{name}": getattr(result, name) for name in ImageResult.METRIC_COLUMNS
+            }
+            for name in ("cam_seconds", "lime_seconds", "segmentation_seconds"):
+                per_image[f"image_{name}"] = getattr(result, name)
+            self.run.log_metrics(per_image, step=index)
         result.arrays.clear()  # keep memory flat over long folders
 
 
@@ -156,6 +157,13 @@ def summary_metrics(results: list[ImageResult], study: Study, skipped: int) -> d
     }
     for name in ("cam_seconds", "lime_seconds", "segmentation_seconds"):
         metrics[f"mean_{name}"] = summarize(getattr(r, name) for r in results)["mean"]
+    for name in ImageResult.METRIC_COLUMNS[1:]:
+        values = [getattr(r, name) for r in results]
+        if any(v is not None for v in values):
+            metrics[f"mean_{name}"] = summarize(values)["mean"]
+    passed = [r.randomisation_passed for r in results if r.randomisation_passed is not None]
+    if passed:
+        metrics["randomisation_pass_rate"] = sum(passed) / len(passed)
     return metrics
 
 
@@ -258,7 +266,7 @@ def execute(cfg: StudyConfig, context: dict[str, Any]) -> float:
         writer = ResultsWriter(out_dir, cfg, run)
         results = run_study(study, items, on_result=writer, progress=cfg.progress)
         metrics = summary_metrics(results, study, len(skipped))
-        _write_outputs(out_dir, cfg, classifier, results, skipped, metrics, run)
+        _write_outputs(out_dir, cfg, classifier, writer, skipped, metrics, run)
         log.info(
             "%s vs LIME on %d images: mean IoU %.3f, median %.3f (%d computed, %d reused)",
             cfg.method.name,
@@ -314,11 +322,17 @@ def _write_outputs(
     out_dir: Path,
     cfg: StudyConfig,
     classifier: Classifier,
-    results: list[ImageResult],
+    writer: ResultsWriter,
     skipped: list[SkippedFile],
     metrics: dict[str, float],
     run: RunLogger | None,
 ) -> None:
+    results = writer.results
+    figures = []
+    if writer.curves:
+        labels = {"cam": cfg.method.name, "lime": "LIME"}
+        curves = {labels[source]: found for source, found in writer.curves.items()}
+        figures.append(plots.save_figure(curve_plot(curves), out_dir / "faithfulness_curves.png"))
     chart = plots.save_figure(
         plots.iou_bar_chart(results, cfg.method.name), out_dir / "iou_bar_chart.png"
     )
@@ -346,7 +360,17 @@ def _write_outputs(
     if run is None:
         return
     run.log_metrics(metrics)
-    for path in (out_dir / "results.csv", chart, params_path, summary_path, skipped_path):
+    if "mean_randomisation_rho" in metrics:
+        verdict = "passed" if metrics.get("randomisation_pass_rate", 0) >= 0.5 else "failed"
+        run.set_tags({"sanity_check": verdict})
+        if verdict == "failed":
+            log.warning(
+                "%s barely changes when the model is randomised (mean rho %.2f): "
+                "its maps may not depend on the model",
+                cfg.method.name,
+                metrics["mean_randomisation_rho"],
+            )
+    for path in (out_dir / "results.csv", chart, params_path, summary_path, skipped_path, *figures):
         if path is not None:
             run.log_artifact(path)
     import pandas as pd

@@ -90,6 +90,20 @@ class CacheConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Which metrics beyond IoU: threshold-free agreement, deletion/insertion, randomisation."""
+
+    agreement: bool = True
+    faithfulness: bool = False
+    sanity: bool = False
+    steps: int = 20
+    baseline: str = "blur"
+    batch_size: int = 32
+    sanity_layers: int | None = 10
+    sanity_threshold: float = 0.5
+
+
+@dataclass
 class StudyConfig:
     """The whole run: one model, one image set, one CAM method against LIME."""
 
@@ -100,6 +114,7 @@ class StudyConfig:
     lime: LimeConfig = field(default_factory=LimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     device: str = "auto"
     precision: str = "fp32"
     progress: bool = True
@@ -111,6 +126,7 @@ IMPLEMENTATIONS = ("fast", "reference")
 LIME_MODES = ("top_k", "area_matched")
 SEGMENTATIONS = ("quickshift", "slic", "felzenszwalb")
 DATA_SOURCES = ("bundled", "folder")
+BASELINES = ("black", "mean", "blur")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -148,6 +164,11 @@ def validate(cfg: StudyConfig) -> None:
         cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit={cfg.data.limit} must be >= 1"
     )
     _check(cfg.model.input_size >= 8, f"model.input_size={cfg.model.input_size} must be >= 8")
+    _check(cfg.metrics.steps >= 1, f"metrics.steps={cfg.metrics.steps} must be >= 1")
+    _check(cfg.metrics.batch_size >= 1, f"metrics.batch_size={cfg.metrics.batch_size} must be >= 1")
+    _check_choice(cfg.metrics.baseline, BASELINES, "metrics.baseline")
+    layers = cfg.metrics.sanity_layers
+    _check(layers is None or layers >= 1, f"metrics.sanity_layers={layers} must be >= 1 or null")
     target = cfg.method.target_class
     _check(target is None or target >= 0, f"method.target_class={target} must be >= 0 or null")
     _check(

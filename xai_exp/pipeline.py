@@ -13,20 +13,24 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from xai_exp.agreement import agreement_metrics, curve_area
 from xai_exp.cache import ExplanationCache, cache_key
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.data import ImageItem
 from xai_exp.explainers import lime as lime_explainer
 from xai_exp.explainers.cam import compute_cam
+from xai_exp.faithfulness import FaithfulnessCurves, deletion_insertion
 from xai_exp.masks import (
     DegenerateMapError,
     cam_top_fraction_mask,
     check_cam,
     lime_area_matched_mask,
     lime_top_k_mask,
+    lime_weight_map,
 )
 from xai_exp.metrics import iou
 from xai_exp.models import Classifier, fit_to_input
+from xai_exp.sanity import RandomisationResult, randomisation_check
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,15 @@ class ImageResult:
     cam_reused: bool = False
     lime_reused: bool = False
     segmentation_reused: bool = False
+    iou_auc: float | None = None
+    spearman: float | None = None
+    pointing_game: float | None = None
+    cam_deletion_auc: float | None = None
+    cam_insertion_auc: float | None = None
+    lime_deletion_auc: float | None = None
+    lime_insertion_auc: float | None = None
+    randomisation_rho: float | None = None
+    randomisation_passed: bool | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     CSV_COLUMNS = (
@@ -90,6 +103,26 @@ class ImageResult:
         "cam_reused",
         "lime_reused",
         "segmentation_reused",
+        "iou_auc",
+        "spearman",
+        "pointing_game",
+        "cam_deletion_auc",
+        "cam_insertion_auc",
+        "lime_deletion_auc",
+        "lime_insertion_auc",
+        "randomisation_rho",
+        "randomisation_passed",
+    )
+    METRIC_COLUMNS = (
+        "iou",
+        "iou_auc",
+        "spearman",
+        "pointing_game",
+        "cam_deletion_auc",
+        "cam_insertion_auc",
+        "lime_deletion_auc",
+        "lime_insertion_auc",
+        "randomisation_rho",
     )
 
     def row(self) -> dict[str, Any]:
@@ -108,6 +141,7 @@ class Study:
         self.versions = library_versions()
         self.computed = 0
         self.reused = 0
+        self.keys: dict[str, str] = {}  # cache keys of the current image's explanations
         target = cfg.method.target_class
         if target is not None and target >= len(classifier.labels):
             raise ConfigError(
@@ -116,16 +150,25 @@ class Study:
             )
 
     # -- cached explanation steps -------------------------------------------------------
-    def _cached(self, kind: str, key: str, compute: Callable[[], dict[str, np.ndarray]]):
-        """(arrays, seconds, reused) for an explanation, from the cache or computed now."""
+    def _cached(
+        self,
+        kind: str,
+        key: str,
+        compute: Callable[[], dict[str, np.ndarray]],
+        count: bool = True,
+    ):
+        """(arrays, seconds, reused) for an explanation, from the cache or computed now.
+
+        `count` says whether it is an explanation (counted in computed/reused) or a metric.
+        """
         entry = self.cache.load(kind, key)
         if entry is not None:
-            self.reused += 1
+            self.reused += count
             return entry.arrays, float(entry.meta["seconds"]), True
         start = time.perf_counter()
         arrays = compute()
         seconds = time.perf_counter() - start
-        self.computed += 1
+        self.computed += count
         self.cache.store(kind, key, arrays, {"seconds": seconds, "kind": kind})
         return arrays, seconds, False
 
@@ -164,6 +207,7 @@ class Study:
             return {"cam": cam}
 
         arrays, seconds, reused = self._cached("cam", key, compute)
+        self.keys["cam"] = key
         return arrays["cam"], seconds, reused
 
     def segments(self, item: ImageItem, view: np.ndarray):
@@ -221,7 +265,111 @@ class Study:
             return {"weights": explanation.weights}
 
         arrays, seconds, reused = self._cached("lime", key, compute)
+        self.keys["lime"] = key
         return arrays["weights"], seconds, reused
+
+    # -- metrics beyond IoU (cached: a threshold sweep recomputes none of them) -------------
+    def faithfulness(self, view: np.ndarray, saliency: np.ndarray, source: str, target: int):
+        """Deletion/insertion curves of one map; `source` is "cam" or "lime"."""
+        metrics = self.cfg.metrics
+        key = cache_key(
+            kind="faithfulness",
+            explanation=self.keys[source],
+            steps=metrics.steps,
+            baseline=metrics.baseline,
+            algorithm_version=ALGORITHM_VERSION,
+        )
+
+        def compute() -> dict[str, np.ndarray]:
+            curves = deletion_insertion(
+                self.classifier,
+                view,
+                saliency,
+                target,
+                steps=metrics.steps,
+                baseline=metrics.baseline,
+                batch_size=metrics.batch_size,
+            )
+            return {
+                "fractions": curves.fractions,
+                "deletion": curves.deletion,
+                "insertion": curves.insertion,
+            }
+
+        arrays, _, _ = self._cached("faithfulness", key, compute, count=False)
+        return FaithfulnessCurves(
+            fractions=arrays["fractions"],
+            deletion=arrays["deletion"],
+            insertion=arrays["insertion"],
+            deletion_auc=curve_area(arrays["fractions"], arrays["deletion"]),
+            insertion_auc=curve_area(arrays["fractions"], arrays["insertion"]),
+        )
+
+    def sanity(self, view: np.ndarray, target: int) -> RandomisationResult:
+        """Model-parameter randomisation check of the CAM method on this image."""
+        metrics, method = self.cfg.metrics, self.cfg.method
+        key = cache_key(
+            kind="sanity",
+            explanation=self.keys["cam"],
+            layers=metrics.sanity_layers,
+            algorithm_version=ALGORITHM_VERSION,
+        )
+
+        def explain(classifier: Classifier) -> np.ndarray:
+            return compute_cam(
+                classifier,
+                classifier.input_tensor(view),
+                method.name,
+                target,
+                batch_size=method.batch_size,
+                implementation=method.implementation,
+            )
+
+        def compute() -> dict[str, np.ndarray]:
+            result = randomisation_check(self.classifier, explain, layers=metrics.sanity_layers)
+            return {"rho": np.array([rho for _, rho in result.correlations])}
+
+        arrays, _, _ = self._cached("sanity", key, compute, count=False)
+        final = float(arrays["rho"][-1])
+        return RandomisationResult(
+            correlations=[("", float(rho)) for rho in arrays["rho"]],
+            final_correlation=final,
+            threshold=metrics.sanity_threshold,
+            passed=abs(final) < metrics.sanity_threshold,
+        )
+
+    def _extra_metrics(self, result: ImageResult, view, cam, segments, weights, lime_mask):
+        """Agreement, faithfulness and sanity metrics; degenerate maps add a reason."""
+        metrics = self.cfg.metrics
+        target = result.target_class
+        reasons = []
+        if metrics.agreement and lime_mask is not None:
+            try:
+                found = agreement_metrics(cam, segments, weights, lime_mask)
+                result.iou_auc = found["iou_auc"]
+                result.spearman = found["spearman"]
+                result.pointing_game = found["pointing_game"]
+            except DegenerateMapError as error:
+                reasons.append(f"agreement: {error}")
+        if metrics.faithfulness:
+            curves = {}
+            for source, saliency in (("cam", cam), ("lime", lime_weight_map(segments, weights))):
+                try:
+                    curves[source] = self.faithfulness(view, saliency, source, target)
+                except DegenerateMapError as error:
+                    reasons.append(f"{source} faithfulness: {error}")
+                    continue
+                setattr(result, f"{source}_deletion_auc", curves[source].deletion_auc)
+                setattr(result, f"{source}_insertion_auc", curves[source].insertion_auc)
+            result.arrays["faithfulness"] = curves
+        if metrics.sanity:
+            try:
+                check = self.sanity(view, target)
+                result.randomisation_rho = check.final_correlation
+                result.randomisation_passed = check.passed
+            except DegenerateMapError as error:
+                reasons.append(f"sanity: {error}")
+        return reasons
 
     # -- one image -----------------------------------------------------------------------
     def explain(self, item: ImageItem) -> ImageResult:
@@ -274,7 +422,9 @@ class Study:
             result.iou = iou(cam_mask, lime_mask)
         else:
             result.status = "flagged"
-            result.reason = "; ".join(reasons)
+        if cam_mask is not None:  # a usable CAM map: the metrics beyond IoU apply
+            reasons += self._extra_metrics(result, view, cam, segments, weights, lime_mask)
+        result.reason = "; ".join(reasons)
         return result
 
 
