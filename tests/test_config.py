@@ -12,7 +12,17 @@ from xai_exp.config import ConfigError, StudyConfig, validate
 from xai_exp.explainers.cam import CAM_METHODS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "data", "method", "threshold", "lime", "tracking", "cache", "metrics", "experiment"]
+GROUPS = [
+    "model",
+    "data",
+    "method",
+    "threshold",
+    "lime",
+    "tracking",
+    "cache",
+    "metrics",
+    "experiment",
+]
 
 
 def options(group: str) -> list[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import smooth_image, tiny_classifier
 from torch import nn
 
-from tests.tiny_models import smooth_image, tiny_classifier
 from xai_exp.faithfulness import (
     FaithfulnessCurves,
     baseline_image,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import smooth_image, tiny_classifier
 
-from tests.tiny_models import smooth_image, tiny_classifier
 from xai_exp.explainers.cam import compute_cam
 from xai_exp.masks import DegenerateMapError
 from xai_exp.models import Classifier, resolve_layer

@@ -171,7 +171,7 @@ def _decode(data: bytes, path: Path, max_side: int) -> np.ndarray:
         raise _load_error(path, "not a recognised image file (cannot identify format)") from None
     except MemoryError:
         raise _load_error(path, f"out of memory while decoding {fmt}") from None
-    except Exception as exc:  # Pillow decoders raise many types: OSError, SyntaxError, ...
+    except Exception as exc:  # noqa: BLE001 - Pillow decoders raise OSError, SyntaxError, ...
         message = _one_line(str(exc)) or type(exc).__name__
         if "truncated" in message.lower():
             reason = f"truncated {fmt} ({message})"
@@ -187,7 +187,7 @@ def _exif_transpose(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; malformed EXIF data leaves the image as stored."""
     try:
         return ImageOps.exif_transpose(img) or img
-    except Exception:
+    except Exception:  # noqa: BLE001 - broken EXIF: keep the image as stored
         return img
 
 

@@ -25,14 +25,10 @@ class TrackingError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _fail_fast_http() -> Iterator[None]:
-    """Temporarily make MLflow's HTTP client give up at once instead of retrying for minutes."""
-    saved = {
-        k: os.environ.get(k)
-        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    }
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
+    """Temporarily set environment variables (MLflow reads its settings at each request)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -43,6 +39,13 @@ def _fail_fast_http() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def fail_fast_http() -> contextlib.AbstractContextManager[None]:
+    """No HTTP retries and a short timeout: an unreachable server is reported at once."""
+    return temporary_env(
+        {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    )
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Client and experiment id; fails fast with one line when the store is unreachable.
 
@@ -51,7 +54,7 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """
     client = MlflowClient(tracking_uri=uri)
     try:
-        with _fail_fast_http():
+        with fail_fast_http():
             found = client.get_experiment_by_name(experiment)
             if found is not None:
                 return client, found.experiment_id

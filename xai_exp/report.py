@@ -1,0 +1,115 @@
+"""Self-contained HTML report of a comparison: table, plot and overlay gallery, all inline.
+
+Everything the page shows is embedded (CSS in a <style> block, images as base64 ``data:`` URIs),
+so the file can be mailed, attached to an MLflow run or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+.meta { color: #555; font-size: 0.9em; }
+table.comparison { border-collapse: collapse; font-size: 0.9em; }
+table.comparison th, table.comparison td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
+table.comparison th { background: #f2f2f2; }
+table.comparison td { text-align: right; }
+.plot img { max-width: 100%; }
+.gallery { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; width: 340px; } figure img { width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; word-break: break-word; }
+.missing { width: 100%; height: 120px; background: #eee; display: flex;
+           align-items: center; justify-content: center; color: #777; }
+"""
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One image of one run shown in the gallery (``png`` is None when no overlay was found)."""
+
+    kind: str  # "best" | "worst"
+    run_id: str
+    run_name: str
+    image: str
+    iou: float
+    settings: str
+    png: bytes | None
+
+
+def png_data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` for embedding PNG bytes in HTML."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _shorten(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _figure(item: GalleryItem) -> str:
+    iou = "n/a" if item.iou is None or math.isnan(item.iou) else f"{item.iou:.3f}"
+    caption = (
+        f"<b>{html.escape(item.image)}</b> IoU {iou}<br>"
+        f"{html.escape(item.settings)}<br>"
+        f"run {html.escape(_shorten(item.run_name))} ({html.escape(item.run_id[:8])})"
+    )
+    if item.png is None:
+        body = '<div class="missing">overlay not available</div>'
+    else:
+        alt = html.escape(f"{item.image} overlay", quote=True)
+        body = f'<img alt="{alt}" src="{png_data_uri(item.png)}">'
+    return f"<figure>{body}<figcaption>{caption}</figcaption></figure>"
+
+
+def _gallery(title: str, items: Sequence[GalleryItem]) -> str:
+    if not items:
+        return f"<h2>{html.escape(title)}</h2><p>No image with an IoU.</p>"
+    figures = "\n".join(_figure(item) for item in items)
+    return f'<h2>{html.escape(title)}</h2>\n<div class="gallery">\n{figures}\n</div>'
+
+
+def render_html(
+    title: str,
+    meta: Sequence[str],
+    table: pd.DataFrame,
+    plot_png: bytes,
+    gallery: Sequence[GalleryItem],
+) -> str:
+    """The report page as one string; every value from the runs is HTML-escaped."""
+    best = [item for item in gallery if item.kind == "best"]
+    worst = [item for item in gallery if item.kind == "worst"]
+    table_html = table.to_html(
+        index=False,
+        classes="comparison",
+        border=0,
+        na_rep="–",
+        float_format=lambda value: f"{value:.4g}",
+        escape=True,
+    )
+    meta_html = "<br>".join(html.escape(line) for line in meta)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">{meta_html}</p>
+<h2>Runs grouped by settings</h2>
+{table_html}
+<h2>Mean IoU vs CAM top fraction</h2>
+<div class="plot"><img alt="mean IoU vs CAM top fraction" src="{png_data_uri(plot_png)}"></div>
+{_gallery("Best agreeing images (highest IoU)", best)}
+{_gallery("Worst agreeing images (lowest IoU)", worst)}
+</body>
+</html>
+"""
