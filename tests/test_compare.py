@@ -79,7 +79,8 @@ def test_reruns_are_pooled_and_statistics_come_from_per_image_ious(tracking_stor
     table = comparison.table
 
     assert len(table) == 5
-    assert list(table.columns) == list(cmp.TABLE_COLUMNS)
+    extra = [f"mean_{name}" for name in cmp.EXTRA_METRICS]
+    assert list(table.columns) == [c for c in cmp.TABLE_COLUMNS if c not in extra]
     pooled = _row(table, method="gradcam", cam_top_fraction=0.1, lime_mode="top_k", lime_samples=20)
     ious = [0.1, 0.2, 0.3, 0.5]
     assert pooled["runs"] == 2
@@ -391,3 +392,29 @@ def test_real_sweep_logs_comparison_to_its_parent(tmp_path, tiny_study_overrides
     assert page.count("data:image/png;base64,") >= 1 + 4  # plot + 4 overlays (2 runs x 2)
     assert "overlay not available" not in page
     assert not math.isnan(table["mean_iou"].iloc[0])
+
+
+def test_metrics_beyond_iou_are_averaged_side_by_side(tracking_store, tmp_path):
+    client, experiment_id = tracking_store.client, tracking_store.experiment_id
+    run = RunLogger.start(client, experiment_id, "metrics", {})
+    run.log_params(
+        {
+            "method.name": "gradcam",
+            "threshold.cam_top_fraction": 0.1,
+            "threshold.lime_mode": "top_k",
+            "lime.num_samples": 100,
+        }
+    )
+    rows = [
+        {"image": "a", "status": "ok", "iou": 0.2, "spearman": 0.5, "cam_deletion_auc": 0.1},
+        {"image": "b", "status": "ok", "iou": 0.4, "spearman": -0.1, "cam_deletion_auc": 0.3},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    run.log_artifact(tmp_path / "results.csv")
+    run.finish()
+    runs = [client.get_run(run.run_id)]
+    images = cmp.collect_images(client, runs, tmp_path / "work")
+    [row] = cmp.summarize_groups(runs, images).to_dict("records")
+    assert row["mean_spearman"] == pytest.approx(0.2)
+    assert row["mean_cam_deletion_auc"] == pytest.approx(0.2)
+    assert "mean_randomisation_rho" not in row  # not computed by these runs: no column

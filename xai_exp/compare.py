@@ -39,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from xai_exp.data import SUPPORTED_EXTENSIONS, safe_artifact_stem
+from xai_exp.metrics import EXTRA_METRICS
 from xai_exp.report import GalleryItem, render_html
 from xai_exp.tracking import PARENT_TAG, RunLogger, fail_fast_http, temporary_env
 
@@ -57,9 +58,19 @@ TABLE_COLUMNS = (
     "mean_cam_seconds",
     "mean_lime_seconds",
     *(f"n_{status}" for status in STATUSES),
+    *(f"mean_{name}" for name in EXTRA_METRICS),
 )
 # per-image columns read from a run (results.csv or the metric histories)
-IMAGE_COLUMNS = ("image", "artifact_stem", "status", "iou", "cam_seconds", "lime_seconds", "source")
+IMAGE_COLUMNS = (
+    "image",
+    "artifact_stem",
+    "status",
+    "iou",
+    "cam_seconds",
+    "lime_seconds",
+    "source",
+    *EXTRA_METRICS,
+)
 CSV_NAME = "comparison.csv"
 PLOT_NAME = "iou_vs_threshold.png"
 HTML_NAME = "report.html"
@@ -257,6 +268,10 @@ def _images_from_csv(path: Path) -> pd.DataFrame:
             "cam_seconds": pd.to_numeric(_column(frame, "cam_seconds", None), errors="coerce"),
             "lime_seconds": pd.to_numeric(_column(frame, "lime_seconds", None), errors="coerce"),
             "source": "results.csv",
+            **{
+                name: pd.to_numeric(_column(frame, name, None), errors="coerce")
+                for name in EXTRA_METRICS
+            },
         }
     )
 
@@ -368,8 +383,12 @@ def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
         )
         for status in STATUSES:
             row[f"n_{status}"] = int((part["status"] == status).sum())
+        for name in EXTRA_METRICS:
+            row[f"mean_{name}"] = _mean(part[name]) if name in part else math.nan
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    unused = [f"mean_{name}" for name in EXTRA_METRICS if table[f"mean_{name}"].isna().all()]
+    table = table.drop(columns=unused)  # only the metrics the runs computed
     table["lime_samples"] = table["lime_samples"].astype("Int64")
     order = ["method", "lime_mode", "lime_samples", "cam_top_fraction"]
     return table.sort_values(order, na_position="last", kind="mergesort").reset_index(drop=True)
@@ -392,6 +411,7 @@ def format_table(table: pd.DataFrame) -> str:
         "max_iou": fixed(3),
         "mean_cam_seconds": fixed(3),
         "mean_lime_seconds": fixed(3),
+        **{f"mean_{name}": fixed(3) for name in EXTRA_METRICS},
     }
     return table.to_string(index=False, formatters=formatters, na_rep="-")
 

@@ -7,6 +7,18 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# Per-image metrics beyond IoU at the threshold (see the metrics/ config group).
+EXTRA_METRICS = (
+    "iou_auc",
+    "spearman",
+    "pointing_game",
+    "cam_deletion_auc",
+    "cam_insertion_auc",
+    "lime_deletion_auc",
+    "lime_insertion_auc",
+    "randomisation_rho",
+)
+
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks; two empty masks agree fully (1.0)."""

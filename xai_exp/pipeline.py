@@ -28,7 +28,7 @@ from xai_exp.masks import (
     lime_top_k_mask,
     lime_weight_map,
 )
-from xai_exp.metrics import iou
+from xai_exp.metrics import EXTRA_METRICS, iou
 from xai_exp.models import Classifier, fit_to_input
 from xai_exp.sanity import RandomisationResult, randomisation_check
 
@@ -113,17 +113,7 @@ class ImageResult:
         "randomisation_rho",
         "randomisation_passed",
     )
-    METRIC_COLUMNS = (
-        "iou",
-        "iou_auc",
-        "spearman",
-        "pointing_game",
-        "cam_deletion_auc",
-        "cam_insertion_auc",
-        "lime_deletion_auc",
-        "lime_insertion_auc",
-        "randomisation_rho",
-    )
+    METRIC_COLUMNS = ("iou", *EXTRA_METRICS)
 
     def row(self) -> dict[str, Any]:
         """One results-table row (the CSV and MLflow table columns)."""
