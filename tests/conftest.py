@@ -346,16 +346,18 @@ def mlflow_server_factory() -> Iterator[Callable[..., MlflowServer]]:
 # --------------------------------------------------------------------------- real studies
 
 
+# A real study in seconds: random ResNet-18 at 64 px, 2 images, few LIME samples.
+TINY_STUDY = [
+    "model=resnet18",
+    "model.weights=null",
+    "model.input_size=64",
+    "data.limit=2",
+    "lime.num_samples=30",
+    "progress=false",
+]
+
+
 @pytest.fixture
 def tiny_study_overrides(tmp_path: Path) -> list[str]:
-    """Hydra overrides for a real study in seconds: random ResNet-18 at 64 px, 2 images,
-    20 LIME samples, cache in tmp_path, no progress bar (add tracking.uri yourself)."""
-    return [
-        "model=resnet18",
-        "model.weights=null",
-        "model.input_size=64",
-        "data.limit=2",
-        "lime.num_samples=20",
-        f"cache.dir={tmp_path / 'cache'}",
-        "progress=false",
-    ]
+    """TINY_STUDY with the cache in tmp_path (add tracking.uri yourself)."""
+    return [*TINY_STUDY, f"cache.dir={tmp_path / 'cache'}"]

@@ -13,17 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RUN_PY
+from conftest import TINY_STUDY as TINY
 from mlflow.tracking import MlflowClient
-
-RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
-TINY = [
-    "model=resnet18",
-    "model.weights=null",
-    "model.input_size=64",
-    "data.limit=2",
-    "lime.num_samples=30",
-    "progress=false",
-]
 
 
 def run_cli(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:

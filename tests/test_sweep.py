@@ -5,17 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import RUN_PY
+from conftest import TINY_STUDY as TINY
 from mlflow.tracking import MlflowClient
-
-RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
-TINY = [
-    "model=resnet18",
-    "model.weights=null",
-    "model.input_size=64",
-    "data.limit=2",
-    "lime.num_samples=30",
-    "progress=false",
-]
 
 pytestmark = pytest.mark.slow
 

@@ -103,14 +103,7 @@ class ImageResult:
         "cam_reused",
         "lime_reused",
         "segmentation_reused",
-        "iou_auc",
-        "spearman",
-        "pointing_game",
-        "cam_deletion_auc",
-        "cam_insertion_auc",
-        "lime_deletion_auc",
-        "lime_insertion_auc",
-        "randomisation_rho",
+        *EXTRA_METRICS,
         "randomisation_passed",
     )
     METRIC_COLUMNS = ("iou", *EXTRA_METRICS)
