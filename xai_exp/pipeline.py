@@ -20,6 +20,7 @@ from xai_exp.data import ImageItem
 from xai_exp.explainers import lime as lime_explainer
 from xai_exp.explainers.cam import compute_cam
 from xai_exp.faithfulness import FaithfulnessCurves, deletion_insertion
+from xai_exp.inference import prepare_for_inference
 from xai_exp.masks import (
     DegenerateMapError,
     cam_top_fraction_mask,
@@ -125,6 +126,7 @@ class Study:
         self.computed = 0
         self.reused = 0
         self.keys: dict[str, str] = {}  # cache keys of the current image's explanations
+        prepare_for_inference(classifier, cfg.precision)
         target = cfg.method.target_class
         if target is not None and target >= len(classifier.labels):
             raise ConfigError(

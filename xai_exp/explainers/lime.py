@@ -19,6 +19,7 @@ from lime import lime_base, lime_image
 from lime.wrappers.scikit_image import SegmentationAlgorithm
 from sklearn.utils import check_random_state
 
+from xai_exp import inference
 from xai_exp.models import Classifier
 
 KERNEL_WIDTH = 0.25  # lime_image's default
@@ -128,6 +129,14 @@ def perturbation_matrix(random_state: np.random.RandomState, num_samples: int, n
     return data
 
 
+def _normalised_nhwc(classifier: Classifier, image: np.ndarray) -> torch.Tensor:
+    """1xHxWx3 normalised float image on the device (same per-pixel values as input_tensor)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(classifier.device)[None].float()
+    mean = torch.tensor(classifier.mean, device=classifier.device)
+    std = torch.tensor(classifier.std, device=classifier.device)
+    return (tensor.div_(255.0) - mean) / std
+
+
 def perturbed_probabilities(
     classifier: Classifier,
     image: np.ndarray,
@@ -138,18 +147,22 @@ def perturbed_probabilities(
     batch_size: int,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Target-class probability of every perturbed image, built and classified on the device."""
+    """Target-class probability of every perturbed image, built and classified on the device.
+
+    Each batch is built in NHWC (so its NCHW view is channels_last, the layout the inference
+    copy of the network runs fastest in) and classified by `xai_exp.inference.forward_logits`.
+    """
     device = classifier.device
-    original = classifier.input_tensor(image)  # 1x3xHxW, normalised
-    hidden = classifier.input_tensor(fudged)
+    original = _normalised_nhwc(classifier, image)  # 1xHxWx3
+    hidden = _normalised_nhwc(classifier, fudged)
     segment_ids = torch.from_numpy(segments.astype(np.int64)).to(device)
-    switches = torch.from_numpy(data.astype(bool)).to(device)
+    switches = torch.from_numpy(np.asarray(data, dtype=bool)).to(device)
     probabilities = []
-    with torch.inference_mode(), autocast(device, precision):
-        for start in range(0, len(data), batch_size):
-            keep = switches[start : start + batch_size][:, segment_ids]  # BxHxW
-            batch = torch.where(keep[:, None], original, hidden)
-            logits = classifier.model(batch).float()
+    with torch.inference_mode():
+        for start in range(0, len(data), max(1, batch_size)):
+            keep = switches[start : start + batch_size][:, segment_ids, None]  # BxHxWx1
+            batch = torch.where(keep, original, hidden).permute(0, 3, 1, 2)  # channels_last
+            logits = inference.forward_logits(classifier, batch, precision)
             probabilities.append(logits.softmax(dim=-1)[:, target_class].cpu())
     return torch.cat(probabilities).double().numpy()
 
@@ -186,4 +199,6 @@ def fast_lime(
     weights = np.zeros(n_features)
     for feature, weight in local_exp:
         weights[feature] = weight
-    return LimeExplanation(segments=segments, weights=weights, intercept=float(intercept), score=float(score))
+    return LimeExplanation(
+        segments=segments, weights=weights, intercept=float(intercept), score=float(score)
+    )
