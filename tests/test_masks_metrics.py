@@ -28,7 +28,7 @@ masks = arrays(np.bool_, (6, 7))
 @settings(max_examples=200, deadline=None)
 @given(maps, fractions)
 def test_cam_mask_covers_requested_area_up_to_one_tie_group(cam, fraction):
-    if cam.max() == cam.min():
+    if float(cam.max()) - float(cam.min()) <= 1e-12:  # constant up to float noise
         with pytest.raises(DegenerateMapError):
             cam_top_fraction_mask(cam, fraction)
         return
