@@ -70,6 +70,19 @@ def test_ablation_matches_grad_cam_resnet18(resnet18):
     assert_same(reference, fast_cam.fast_ablation_cam(resnet18, x, 7, 64))
 
 
+@pytest.mark.parametrize("layer", ["bn2", "conv_head"])
+def test_ablation_matches_grad_cam_timm_efficientnet(layer):
+    import timm
+
+    torch.manual_seed(0)
+    net = _randomise_batchnorm(timm.create_model("tf_efficientnet_lite0", pretrained=False), 0)
+    classifier = wrap(net, layer, size=32)
+    x = image(3, size=32)
+    assert fast_cam.supports(classifier, "ablationcam")
+    reference = cam.reference_cam(classifier, x, "ablationcam", 5, batch_size=256)
+    assert_same(reference, cam.compute_cam(classifier, x, "ablationcam", 5, 256, "fast"))
+
+
 @pytest.mark.parametrize("layer", ["layer4", "layer3.0"])
 def test_ablation_matches_grad_cam_other_targets(layer):
     classifier = wrap(tiny_resnet(1), layer)

@@ -6,7 +6,8 @@ resize), only computed with fewer and larger forward passes:
 * Ablation-CAM: grad-cam replaces the target layer by an `AblationLayer` and re-runs the whole
   network once per target-layer channel. When the network after the target layer is a known
   pure function of the target layer's output (torchvision ResNets: remaining blocks, avgpool,
-  flatten, fc), we run only that tail on all ablated activations, in large batches.
+  flatten, fc; timm EfficientNets at `bn2`/`conv_head`: pooling and classifier), we run only
+  that tail on all ablated activations, in large batches.
 * Score-CAM: the masked inputs are built on the device and classified in batches of the caller's
   batch size through the inference copy of the network (see `xai_exp.inference`); channels whose
   normalised upsampled masks are bitwise identical (e.g. all-zero channels) are classified once.
@@ -133,6 +134,41 @@ def resnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor
     return tail
 
 
+def _is_plain_timm_efficientnet(model: nn.Module) -> bool:
+    try:
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    kind = type(model)
+    return (
+        isinstance(model, EfficientNet)
+        and kind.forward is EfficientNet.forward
+        and kind.forward_head is EfficientNet.forward_head
+        and not model._forward_hooks
+        and not model._forward_pre_hooks
+    )
+
+
+def efficientnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function from the target layer's output to the logits, for timm EfficientNets.
+
+    Supported targets: the last feature map (`bn2`, after its activation) or `conv_head`.
+    """
+    model = classifier.model
+    if not _is_plain_timm_efficientnet(model):
+        return None
+    if classifier.target_layer is model.bn2:
+        return model.forward_head
+    if classifier.target_layer is model.conv_head:
+        return lambda activations: model.forward_head(model.bn2(activations))
+    return None
+
+
+def separable_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The network after the target layer as a function, where we know it exactly."""
+    return resnet_tail(classifier) or efficientnet_tail(classifier)
+
+
 def ablation_values(activations: torch.Tensor, num_channels: int, batch_size: int) -> torch.Tensor:
     """The value grad-cam's AblationLayer writes into each ablated channel (C values).
 
@@ -162,7 +198,7 @@ def fast_ablation_cam(
     precision: str | None = None,
 ) -> np.ndarray:
     """grad-cam's AblationCAM map, recomputing only the network tail for each ablation."""
-    tail = resnet_tail(classifier)
+    tail = separable_tail(classifier)
     if tail is None:
         raise ValueError(f"no separable tail after {classifier.target_layer_name}; use grad-cam")
     precision = _precision(classifier, precision)
@@ -265,5 +301,5 @@ FAST_METHODS: dict[str, FastCam] = {
 def supports(classifier: Classifier, method: str) -> bool:
     """Whether the fast path for `method` applies to this model."""
     if method == "ablationcam":
-        return resnet_tail(classifier) is not None
+        return separable_tail(classifier) is not None
     return method == "scorecam"
