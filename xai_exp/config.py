@@ -99,7 +99,7 @@ class MetricsConfig:
     steps: int = 20
     baseline: str = "blur"
     batch_size: int = 32
-    sanity_layers: int | None = 10
+    sanity_layers: int | None = 3
     sanity_threshold: float = 0.5
 
 
