@@ -1,7 +1,9 @@
 """Multirun sweeps: one parent run, named child runs, shared cache, failures kept apart."""
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,32 @@ def test_joblib_launcher_runs_jobs_in_parallel_against_sqlite(tmp_path):
     assert sorted(c.info.run_name for c in children) == ["method=gradcam", "method=hirescam"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all("mean_iou" in c.data.metrics for c in children)
+
+
+def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
+    args = [
+        sys.executable,
+        str(RUN_PY),
+        "-m",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"cache.dir={tmp_path}/cache",
+        *TINY,
+        "lime.num_samples=300",
+        "threshold=top5,top10,top20,top30",
+        "method=gradcam,hirescam",
+    ]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    finished = 0
+    while time.monotonic() < deadline and finished < 1 and process.poll() is None:
+        time.sleep(1)
+        finished = len(list((tmp_path / "multirun").rglob("summary.json")))
+    assert finished >= 1, "no job finished in time"
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    _, [parent], children = parents_and_children(tmp_path)
+    assert parent.info.status in {"KILLED", "FAILED"}
+    statuses = [c.info.status for c in children]
+    assert "FINISHED" in statuses
+    assert "RUNNING" not in statuses
