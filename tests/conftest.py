@@ -357,6 +357,18 @@ TINY_STUDY = [
 ]
 
 
+def study_command(tmp_path: Path, *overrides: str, multirun: bool = False) -> list[str]:
+    """`python run.py [-m]` with its own sqlite store and cache in tmp_path (run it there)."""
+    return [
+        sys.executable,
+        str(RUN_PY),
+        *(["-m"] if multirun else []),
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"cache.dir={tmp_path}/cache",
+        *overrides,
+    ]
+
+
 @pytest.fixture
 def tiny_study_overrides(tmp_path: Path) -> list[str]:
     """TINY_STUDY with the cache in tmp_path (add tracking.uri yourself)."""

@@ -6,27 +6,20 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import RUN_PY
 from conftest import TINY_STUDY as TINY
+from conftest import study_command
 from mlflow.tracking import MlflowClient
 
 
 def run_cli(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run run.py from tmp_path (not the repo), with its own store and cache."""
-    args = [
-        sys.executable,
-        str(RUN_PY),
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"cache.dir={tmp_path}/cache",
-        *overrides,
-    ]
+    args = study_command(tmp_path, *overrides)
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     env.pop("HYDRA_FULL_ERROR")
     return subprocess.run(
@@ -146,15 +139,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_finished_images(tmp_path):
-    args = [
-        sys.executable,
-        str(RUN_PY),
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"cache.dir={tmp_path}/cache",
-        *TINY,
-        "data.limit=6",
-        "lime.num_samples=400",
-    ]
+    args = study_command(tmp_path, *TINY, "data.limit=6", "lime.num_samples=400")
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     csv_rows = 0

@@ -2,28 +2,24 @@
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import RUN_PY
 from conftest import TINY_STUDY as TINY
+from conftest import study_command
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
+def sweep_args(tmp_path: Path, *overrides: str) -> list[str]:
+    """`run.py -m` with the tiny study, its own store and cache in tmp_path."""
+    return study_command(tmp_path, *TINY, *overrides, multirun=True)
+
+
 def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        str(RUN_PY),
-        "-m",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"cache.dir={tmp_path}/cache",
-        *TINY,
-        *overrides,
-    ]
+    args = sweep_args(tmp_path, *overrides)
     return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=400)
 
 
@@ -95,17 +91,12 @@ def test_joblib_launcher_runs_jobs_in_parallel_against_sqlite(tmp_path):
 
 
 def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
-    args = [
-        sys.executable,
-        str(RUN_PY),
-        "-m",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"cache.dir={tmp_path}/cache",
-        *TINY,
+    args = sweep_args(
+        tmp_path,
         "lime.num_samples=300",
         "threshold=top5,top10,top20,top30",
         "method=gradcam,hirescam",
-    ]
+    )
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     finished = []

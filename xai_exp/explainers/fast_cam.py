@@ -84,19 +84,21 @@ def _target_size(input_tensor: torch.Tensor) -> tuple[int, int]:
 # --------------------------------------------------------------------------- Ablation-CAM
 
 
-def _is_plain_resnet(model: nn.Module) -> bool:
-    try:
-        from torchvision.models.resnet import ResNet
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return False
+def _runs_stock_code(model: nn.Module, base: type, methods: tuple[str, ...]) -> bool:
+    """`model` is a `base` whose forward methods are the library's own, with no hooks on it."""
     kind = type(model)
     return (
-        isinstance(model, ResNet)
-        and kind.forward is ResNet.forward
-        and kind._forward_impl is ResNet._forward_impl
+        isinstance(model, base)
+        and all(getattr(kind, name) is getattr(base, name) for name in methods)
         and not model._forward_hooks
         and not model._forward_pre_hooks
     )
+
+
+def _is_plain_resnet(model: nn.Module) -> bool:
+    from torchvision.models.resnet import ResNet
+
+    return _runs_stock_code(model, ResNet, ("forward", "_forward_impl"))
 
 
 def resnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -135,18 +137,9 @@ def resnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def _is_plain_timm_efficientnet(model: nn.Module) -> bool:
-    try:
-        from timm.models.efficientnet import EfficientNet
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    kind = type(model)
-    return (
-        isinstance(model, EfficientNet)
-        and kind.forward is EfficientNet.forward
-        and kind.forward_head is EfficientNet.forward_head
-        and not model._forward_hooks
-        and not model._forward_pre_hooks
-    )
+    from timm.models.efficientnet import EfficientNet
+
+    return _runs_stock_code(model, EfficientNet, ("forward", "forward_head"))
 
 
 def efficientnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor] | None:
