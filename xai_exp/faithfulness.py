@@ -58,11 +58,7 @@ def baseline_image(view: np.ndarray, baseline: str = "blur") -> np.ndarray:
 
 def normalise_float_image(classifier: Classifier, image: np.ndarray) -> torch.Tensor:
     """HxWx3 float image in [0, 255] to the model's normalised 1x3xHxW input (as input_tensor)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(classifier.device)
-    tensor = tensor.permute(2, 0, 1)[None].div(255.0)
-    mean = torch.tensor(classifier.mean, device=classifier.device).view(1, 3, 1, 1)
-    std = torch.tensor(classifier.std, device=classifier.device).view(1, 3, 1, 1)
-    return (tensor - mean) / std
+    return classifier.normalised_pixels(np.asarray(image, dtype=np.float32)).permute(0, 3, 1, 2)
 
 
 def deletion_insertion(

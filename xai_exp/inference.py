@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xai_exp.config import PRECISIONS
 from xai_exp.models import Classifier
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
 # On this project's 2-core reference CPU, EfficientNet-Lite0 runs ~3x slower per image at batch
 # 100 than at 16 (activations overflow the caches); ResNet-18 is flat from 16 to 32.
 CPU_MAX_BATCH = 32
@@ -186,13 +186,6 @@ def inference_network(classifier: Classifier) -> nn.Module:
     """The network to run logits-only forward passes with (never used for hooks/gradients)."""
     network = _prepared(classifier).network
     return classifier.model if network is None else network
-
-
-def inference_input(classifier: Classifier, batch: torch.Tensor) -> torch.Tensor:
-    """`batch` in the memory format the inference network is fastest with."""
-    if _prepared(classifier).channels_last and batch.dim() == 4:
-        return batch.contiguous(memory_format=torch.channels_last)
-    return batch
 
 
 def max_batch(device: torch.device) -> int | None:

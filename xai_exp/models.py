@@ -42,14 +42,17 @@ class Classifier:
     mean: tuple[float, ...] = TORCHVISION_MEAN
     std: tuple[float, ...] = TORCHVISION_STD
 
+    def normalised_pixels(self, images: np.ndarray) -> torch.Tensor:
+        """NHWC (or HWC) RGB pixel values in [0, 255] to normalised NHWC floats on the device."""
+        array = images[None] if images.ndim == 3 else images
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device).float()
+        mean = torch.tensor(self.mean, device=self.device)
+        std = torch.tensor(self.std, device=self.device)
+        return (tensor.div_(255.0) - mean) / std
+
     def input_tensor(self, images: np.ndarray) -> torch.Tensor:
         """NHWC (or HWC) uint8 RGB images to the model's normalised NCHW float input."""
-        array = images[None] if images.ndim == 3 else images
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-        tensor = tensor.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        return (tensor - mean) / std
+        return self.normalised_pixels(images).permute(0, 3, 1, 2)
 
     def label(self, index: int) -> str:
         """Human-readable class name."""

@@ -62,17 +62,10 @@ def classifier_fn(classifier: Classifier, precision: str = "fp32") -> Callable:
 
     def predict(images: np.ndarray) -> np.ndarray:
         batch = classifier.input_tensor(images)
-        with torch.inference_mode(), autocast(classifier.device, precision):
+        with torch.inference_mode(), inference.autocast(classifier.device, precision):
             return classifier.model(batch).float().softmax(dim=-1).cpu().numpy()
 
     return predict
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for, otherwise nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -129,14 +122,6 @@ def perturbation_matrix(random_state: np.random.RandomState, num_samples: int, n
     return data
 
 
-def _normalised_nhwc(classifier: Classifier, image: np.ndarray) -> torch.Tensor:
-    """1xHxWx3 normalised float image on the device (same per-pixel values as input_tensor)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(classifier.device)[None].float()
-    mean = torch.tensor(classifier.mean, device=classifier.device)
-    std = torch.tensor(classifier.std, device=classifier.device)
-    return (tensor.div_(255.0) - mean) / std
-
-
 def perturbed_probabilities(
     classifier: Classifier,
     image: np.ndarray,
@@ -153,8 +138,8 @@ def perturbed_probabilities(
     copy of the network runs fastest in) and classified by `xai_exp.inference.forward_logits`.
     """
     device = classifier.device
-    original = _normalised_nhwc(classifier, image)  # 1xHxWx3
-    hidden = _normalised_nhwc(classifier, fudged)
+    original = classifier.normalised_pixels(image)  # 1xHxWx3
+    hidden = classifier.normalised_pixels(fudged)
     segment_ids = torch.from_numpy(segments.astype(np.int64)).to(device)
     switches = torch.from_numpy(np.asarray(data, dtype=bool)).to(device)
     probabilities = []
