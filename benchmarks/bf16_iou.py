@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xai_exp.config import LimeConfig, ModelConfig
+from xai_exp.app import compose_config
+from xai_exp.config import ModelConfig
 from xai_exp.data import bundled_images
 from xai_exp.explainers import fast_cam
 from xai_exp.explainers.lime import fast_lime, segment
@@ -45,7 +46,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/bf16_iou.json")
     args = parser.parse_args()
     classifier = load_classifier(ModelConfig(), args.device)
-    lime = LimeConfig()
+    lime = compose_config().lime  # the default run's LIME settings
     results = []
     for item in bundled_images(args.images):
         view = fit_to_input(item.image, classifier.input_size)

@@ -36,17 +36,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from xai_exp.results import csv_columns
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = REPO_ROOT / "run.py"
 EXPERIMENT = "xai-exp"
 PARENT_TAG = "mlflow.parentRunId"
-
-RESULTS_COLUMNS = (
-    "image", "artifact_stem", "status", "reason", "predicted_class", "predicted_label",
-    "probability", "target_class", "target_label", "iou", "cam_mask_fraction",
-    "lime_mask_fraction", "n_superpixels", "cam_seconds", "lime_seconds",
-    "segmentation_seconds", "cam_reused", "lime_reused", "segmentation_reused",
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- sqlite store
@@ -186,7 +181,7 @@ def log_study_run(
         client.log_artifacts(run_id, str(out / "overlays"), "overlays")
     if results_csv:
         with (out / "results.csv").open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=RESULTS_COLUMNS)
+            writer = csv.DictWriter(file, fieldnames=csv_columns())
             writer.writeheader()
             for image in images:
                 writer.writerow(

@@ -12,7 +12,6 @@ from scipy.stats import spearmanr
 from xai_exp.agreement import (
     DEFAULT_FRACTIONS,
     agreement,
-    agreement_metrics,
     curve_area,
     iou_curve,
     pointing_game,
@@ -47,7 +46,7 @@ def test_identical_maps_agree_perfectly():
     assert result.iou_auc == pytest.approx(1.0)
     assert result.spearman == pytest.approx(1.0)
     assert result.pointing_game is True
-    assert agreement_metrics(cam, segments, weights, lime_mask) == {
+    assert result.metrics() == {
         "iou_auc": pytest.approx(1.0),
         "spearman": pytest.approx(1.0),
         "pointing_game": 1.0,
@@ -77,7 +76,7 @@ def test_disjoint_top_regions_have_near_zero_auc():
     weights = np.array([float(c) for c in range(4)] * 4)  # superpixel column index: right wins
     lime_mask = np.isin(segments, np.flatnonzero(weights == weights.max()))
 
-    metrics = agreement_metrics(cam, segments, weights, lime_mask)
+    metrics = agreement(cam, segments, weights, lime_mask).metrics()
 
     assert metrics["iou_auc"] < 0.05
     assert metrics["spearman"] < -0.9

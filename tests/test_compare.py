@@ -18,8 +18,9 @@ from conftest import EXPERIMENT, PARENT_TAG, RUN_PY, FakeImage, tiny_png
 from PIL import Image
 
 from xai_exp import compare as cmp
-from xai_exp.__main__ import main
-from xai_exp.tracking import RunLogger
+from xai_exp.cli import main
+from xai_exp.results import METRICS
+from xai_exp.tracking import RunLogger, open_store
 
 
 def _b64(data: bytes) -> str:
@@ -79,8 +80,8 @@ def test_reruns_are_pooled_and_statistics_come_from_per_image_ious(tracking_stor
     table = comparison.table
 
     assert len(table) == 5
-    extra = [f"mean_{name}" for name in cmp.EXTRA_METRICS]
-    assert list(table.columns) == [c for c in cmp.TABLE_COLUMNS if c not in extra]
+    computed = {name for spec in METRICS.values() if spec.compute for name in spec.run_metrics}
+    assert list(table.columns) == [c for c in cmp.table_columns() if c not in computed]
     pooled = _row(table, method="gradcam", cam_top_fraction=0.1, lime_mode="top_k", lime_samples=20)
     ious = [0.1, 0.2, 0.3, 0.5]
     assert pooled["runs"] == 2
@@ -370,7 +371,7 @@ def test_real_sweep_logs_comparison_to_its_parent(tmp_path, tiny_study_overrides
     parent_id = json.loads((sweep_dir / "mlflow_parent.json").read_text())["run_id"]
     for name in (cmp.CSV_NAME, cmp.PLOT_NAME, cmp.HTML_NAME):
         assert (sweep_dir / "comparison" / name).is_file()
-    client = cmp.open_store(uri)
+    client = open_store(uri)
     logged = {f.path for f in client.list_artifacts(parent_id, "comparison")}
     assert logged == {f"comparison/{n}" for n in (cmp.CSV_NAME, cmp.PLOT_NAME, cmp.HTML_NAME)}
 

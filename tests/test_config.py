@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from xai_exp.cli import register_configs, to_study_config
+from xai_exp.app import compose_config, register_configs
 from xai_exp.config import ConfigError, StudyConfig, validate
 from xai_exp.explainers.cam import CAM_METHODS
 
@@ -29,12 +29,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def compose_study(overrides: list[str]) -> StudyConfig:
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=False)
-    return to_study_config(cfg)
+compose_study = compose_config
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,12 @@ from torch import nn
 from xai_exp.faithfulness import (
     FaithfulnessCurves,
     baseline_image,
-    curve_plot,
     deletion_insertion,
     normalise_float_image,
 )
 from xai_exp.masks import DegenerateMapError, lime_weight_map
 from xai_exp.models import Classifier, prepare_classifier
+from xai_exp.plots import curve_plot
 
 SIZE = 16
 PATCH = (slice(4, 8), slice(8, 12))  # the only pixels the patch model reads

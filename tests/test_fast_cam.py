@@ -179,7 +179,7 @@ def test_no_fast_ablation_for_resnet_with_custom_forward():
 
 
 def test_inference_copy_is_folded_and_leaves_model_alone(tiny):
-    inference.prepare_for_inference(tiny, "fp32")
+    inference.prepare_for_inference(tiny)
     network = inference.inference_network(tiny)
     assert network is not tiny.model
     assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
@@ -210,4 +210,4 @@ def test_bf16_precision_runs():
         assert result.shape == fp32.shape
         assert np.isfinite(result).all()
     with pytest.raises(ValueError, match="precision"):
-        inference.prepare_for_inference(small, "fp16")
+        inference.forward_logits(small, x, "fp16")

@@ -19,6 +19,10 @@ CORE = [
     "xai_exp.cache",
     "xai_exp.pipeline",
     "xai_exp.plots",
+    "xai_exp.results",
+    "xai_exp.outputs",
+    "xai_exp.errors",
+    "xai_exp.files",
 ]
 
 

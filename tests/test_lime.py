@@ -87,7 +87,7 @@ def test_perturbed_probabilities_match_lime_images(classifier, picture):
     fudged = lime.fudged_image(image, segments, None)
     data = np.random.RandomState(0).randint(0, 2, (9, int(segments.max()) + 1))
     ours = lime.perturbed_probabilities(classifier, image, fudged, segments, data, TARGET, 4)
-    predict = lime.classifier_fn(classifier)
+    predict = classifier.predict
     expected = []
     for row in data:
         temp = image.copy()

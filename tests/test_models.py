@@ -7,7 +7,6 @@ import torchvision
 
 from xai_exp.config import ConfigError, ModelConfig
 from xai_exp.data import bundled_images
-from xai_exp.explainers.lime import classifier_fn
 from xai_exp.models import ModelLoadError, fit_to_input, load_classifier, resolve_layer
 
 
@@ -17,7 +16,7 @@ def bundled():
 
 
 def test_bundled_model_recognises_cat_and_espresso(bundled):
-    predict = classifier_fn(bundled)
+    predict = bundled.predict
     names = {item.name: item for item in bundled_images()}
     cat = predict(fit_to_input(names["chelsea"].image, 224))[0]
     coffee = predict(fit_to_input(names["coffee"].image, 224))[0]

@@ -6,18 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xai_exp.masks import DegenerateMapError, cam_top_fraction_mask, lime_weight_map
+from xai_exp.masks import cam_top_fraction_mask, check_map, lime_weight_map
 from xai_exp.metrics import iou
 
 DEFAULT_FRACTIONS = np.linspace(0.01, 0.5, 50)
-
-
-def check_map(values: np.ndarray, name: str = "map") -> None:
-    """Raise DegenerateMapError for a map with NaN/inf or a single value (it ranks nothing)."""
-    if not np.all(np.isfinite(values)):
-        raise DegenerateMapError(f"{name} has NaN or infinite values")
-    if values.size == 0 or float(values.max()) - float(values.min()) <= 1e-12:
-        raise DegenerateMapError(f"{name} is constant")
 
 
 def _check_fractions(fractions: np.ndarray) -> np.ndarray:
@@ -138,14 +130,3 @@ def agreement(
         spearman=rank_correlation(cam, lime_map),
         pointing_game=pointing_game(cam, lime_mask),
     )
-
-
-def agreement_metrics(
-    cam: np.ndarray,
-    segments: np.ndarray,
-    weights: np.ndarray,
-    lime_mask: np.ndarray,
-    fractions: np.ndarray = DEFAULT_FRACTIONS,
-) -> dict[str, float]:
-    """`{"iou_auc", "spearman", "pointing_game"}`; a degenerate map raises DegenerateMapError."""
-    return agreement(cam, segments, weights, lime_mask, fractions).metrics()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from xai_exp.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ class ExplanationCache:
             _META: np.frombuffer(meta_text.encode(), dtype=np.uint8),
             _CHECKSUM: np.frombuffer(_checksum(arrays, meta_text).encode(), dtype=np.uint8),
         }
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, **payload)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, suffix=".npz") as temp:
+            save: Any = np.savez  # numpy's stub reads the arrays as its keyword arguments
+            save(temp, **payload)

@@ -17,7 +17,6 @@ self-contained ``report.html``; with a parent run they are also logged to it und
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import math
 import os
@@ -26,56 +25,64 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import matplotlib
-
-matplotlib.use("Agg")
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from xai_exp import plots
 from xai_exp.data import SUPPORTED_EXTENSIONS, safe_artifact_stem
-from xai_exp.metrics import EXTRA_METRICS
-from xai_exp.report import GalleryItem, render_html
-from xai_exp.tracking import PARENT_TAG, RunLogger, fail_fast_http, temporary_env
+from xai_exp.files import atomic_write_text
+from xai_exp.report import GalleryItem, gallery_rows, render_html, settings_text
+from xai_exp.results import METRICS, MetricSpec, Stat, Status
+from xai_exp.tracking import (
+    PARENT_TAG,
+    RunLogger,
+    is_sweep_parent,
+    open_store,
+    quiet_downloads,
+    redact_uri,
+    resolve_experiment,
+    resolve_run,
+    search_all_runs,
+)
 
 SETTINGS = ("method", "cam_top_fraction", "lime_mode", "lime_samples")
-STATUSES = ("ok", "flagged", "error")
-TABLE_COLUMNS = (
-    *SETTINGS,
-    "runs",
-    "unfinished_runs",
-    "images",
-    "compared",
-    "mean_iou",
-    "std_iou",
-    "min_iou",
-    "max_iou",
-    "mean_cam_seconds",
-    "mean_lime_seconds",
-    *(f"n_{status}" for status in STATUSES),
-    *(f"mean_{name}" for name in EXTRA_METRICS),
-)
-# per-image columns read from a run (results.csv or the metric histories)
-IMAGE_COLUMNS = (
-    "image",
-    "artifact_stem",
-    "status",
-    "iou",
-    "cam_seconds",
-    "lime_seconds",
-    "source",
-    *EXTRA_METRICS,
-)
+IOU_COLUMNS = ("mean_iou", "std_iou", "min_iou", "max_iou")
 CSV_NAME = "comparison.csv"
 PLOT_NAME = "iou_vs_threshold.png"
 HTML_NAME = "report.html"
 ARTIFACT_DIR = "comparison"
-GALLERY_SIZE = 3
+
+
+def _group_stats(spec: MetricSpec) -> list[Stat]:
+    """The statistics a group row shows for a metric other than IoU: its means and rates."""
+    return [stat for stat in spec.stats if stat in (Stat.MEAN, Stat.RATE)]
+
+
+def table_columns() -> tuple[str, ...]:
+    """The comparison table's columns, derived from the metric registry."""
+    return (
+        *SETTINGS,
+        "runs",
+        "unfinished_runs",
+        "images",
+        "compared",
+        *IOU_COLUMNS,
+        *(f"n_{status}" for status in Status),
+        *(
+            spec.run_metric(stat)
+            for spec in METRICS.values()
+            if spec.name != "iou"
+            for stat in _group_stats(spec)
+        ),
+    )
+
+
+def image_columns() -> tuple[str, ...]:
+    """The per-image columns read from a run (results.csv or the metric histories)."""
+    return ("image", "artifact_stem", "status", "source", *METRICS)
 
 
 class CompareError(RuntimeError):
@@ -90,122 +97,6 @@ class Comparison:
     images: pd.DataFrame
     runs: list[Run]
     files: dict[str, Path] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- store access
-
-
-def _quiet_downloads() -> contextlib.AbstractContextManager[None]:
-    """No per-file download progress bars on stderr."""
-    return temporary_env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without a password (safe to print and to put in a report)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory ones)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def open_store(uri: str) -> MlflowClient:
-    """A client for `uri`; a sqlite URI must name an existing file (never create an empty one)."""
-    path = _sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise CompareError(
-            f"tracking store {uri} not found: there is no file {path} "
-            "(run a study first, or pass --tracking-uri)"
-        )
-    return MlflowClient(tracking_uri=uri)
-
-
-def scrub(text: str, uri: str) -> str:
-    """`text` with the URI's password masked (MLflow's errors quote the full request URL)."""
-    password = urlsplit(uri).password
-    return text.replace(f":{password}@", ":***@") if password else text
-
-
-def _unreachable(uri: str, error: BaseException) -> CompareError:
-    detail = scrub(_first_line(error), uri)
-    return CompareError(
-        f"tracking store {redact_uri(uri)} is unreachable "
-        f"({type(error).__name__}: {detail}); start the server or pass --tracking-uri"
-    )
-
-
-def resolve_experiment(client: MlflowClient, uri: str, name: str) -> str:
-    """Experiment id for `name`, or a CompareError naming the experiments that exist."""
-    with fail_fast_http():
-        try:
-            found = client.get_experiment_by_name(name)
-            if found is not None:
-                return found.experiment_id
-            names = [e.name for e in client.search_experiments(max_results=20)]
-        except Exception as error:  # any store failure (MlflowException, OSError...): one line
-            raise _unreachable(uri, error) from error
-    known = ", ".join(repr(n) for n in names) or "none"
-    raise CompareError(
-        f"experiment {name!r} not found at {redact_uri(uri)} (experiments there: {known}); "
-        "pass --experiment"
-    )
-
-
-def resolve_parent(client: MlflowClient, uri: str, run_id: str) -> Run:
-    """The parent run, or a CompareError when it does not exist."""
-    with fail_fast_http():
-        try:
-            return client.get_run(run_id)
-        except MlflowException as error:
-            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise CompareError(
-                    f"run {run_id} not found at {redact_uri(uri)}; pass a parent run id "
-                    "(the sweep's mlflow_parent.json names it)"
-                ) from error
-            raise _unreachable(uri, error) from error
-        except Exception as error:
-            raise _unreachable(uri, error) from error
-
-
-def is_sweep_parent(run: Run) -> bool:
-    """True for the parent run the sweep callback creates (tag role=sweep)."""
-    return run.data.tags.get("role") == "sweep"
-
-
-def search_all_runs(
-    client: MlflowClient, experiment_ids: Sequence[str], filter_string: str = ""
-) -> list[Run]:
-    """Every active run matching the filter, oldest first, across result pages."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            list(experiment_ids),
-            filter_string=filter_string,
-            max_results=1000,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def study_runs(
@@ -256,6 +147,11 @@ def _column(frame: pd.DataFrame, name: str, default: Any) -> pd.Series:
     return pd.Series([default] * len(frame), index=frame.index, dtype=object)
 
 
+def _numeric(series: pd.Series) -> pd.Series:
+    """Numbers from CSV text; ``True``/``False`` (boolean metrics) become 1/0."""
+    return pd.to_numeric(series.replace({"True": "1", "False": "0"}), errors="coerce")
+
+
 def _images_from_csv(path: Path) -> pd.DataFrame:
     """Per-image rows from a results.csv (strings kept as written: an image named NA stays NA)."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -263,15 +159,9 @@ def _images_from_csv(path: Path) -> pd.DataFrame:
         {
             "image": _column(frame, "image", "").astype(str),
             "artifact_stem": _column(frame, "artifact_stem", "").astype(str),
-            "status": _column(frame, "status", "ok").astype(str).replace("", "ok"),
-            "iou": pd.to_numeric(_column(frame, "iou", None), errors="coerce"),
-            "cam_seconds": pd.to_numeric(_column(frame, "cam_seconds", None), errors="coerce"),
-            "lime_seconds": pd.to_numeric(_column(frame, "lime_seconds", None), errors="coerce"),
+            "status": _column(frame, "status", Status.OK.value).astype(str).replace("", "ok"),
             "source": "results.csv",
-            **{
-                name: pd.to_numeric(_column(frame, name, None), errors="coerce")
-                for name in EXTRA_METRICS
-            },
+            **{name: _numeric(_column(frame, name, "")) for name in METRICS},
         }
     )
 
@@ -279,29 +169,25 @@ def _images_from_csv(path: Path) -> pd.DataFrame:
 def _images_from_history(client: MlflowClient, run: Run) -> pd.DataFrame:
     """Per-image rows rebuilt from the ``image_*`` metric histories (step = image index).
 
-    A step with an IoU is ``ok``; a step with timings but no IoU is ``flagged`` (its IoU was
-    None, which is not logged); failed images log nothing, so the run's ``n_failed`` metric
+    A step with an IoU is ``ok``; a step with other values but no IoU is ``flagged`` (its IoU
+    was None, which is not logged); failed images log nothing, so the run's ``n_failed`` metric
     adds that many ``error`` rows.
     """
     run_id = run.info.run_id
-
-    def history(key: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-    iou = history("image_iou")
-    cam = history("image_cam_seconds")
-    lime = history("image_lime_seconds")
+    series = {
+        name: {m.step: m.value for m in client.get_metric_history(run_id, spec.image_metric)}
+        for name, spec in METRICS.items()
+    }
+    steps = sorted(set().union(*(found.keys() for found in series.values())))
     rows = [
         {
             "image": f"image #{step}",
             "artifact_stem": "",
-            "status": "ok" if step in iou else "flagged",
-            "iou": iou.get(step, math.nan),
-            "cam_seconds": cam.get(step, math.nan),
-            "lime_seconds": lime.get(step, math.nan),
+            "status": (Status.OK if step in series["iou"] else Status.FLAGGED).value,
             "source": "metric history",
+            **{name: found.get(step, math.nan) for name, found in series.items()},
         }
-        for step in sorted(set(iou) | set(cam) | set(lime))
+        for step in steps
     ]
     failed = run.data.metrics.get("n_failed", 0.0)
     failed = int(failed) if math.isfinite(failed) else 0
@@ -309,15 +195,13 @@ def _images_from_history(client: MlflowClient, run: Run) -> pd.DataFrame:
         {
             "image": f"failed image {n + 1}",
             "artifact_stem": "",
-            "status": "error",
-            "iou": math.nan,
-            "cam_seconds": math.nan,
-            "lime_seconds": math.nan,
+            "status": Status.ERROR.value,
             "source": "metric history",
+            **{name: math.nan for name in METRICS},
         }
         for n in range(failed)
     ]
-    return pd.DataFrame(rows, columns=list(IMAGE_COLUMNS))
+    return pd.DataFrame(rows, columns=list(image_columns()))
 
 
 def run_images(client: MlflowClient, run: Run, workdir: Path) -> pd.DataFrame:
@@ -342,7 +226,8 @@ def collect_images(client: MlflowClient, runs: Sequence[Run], workdir: Path) -> 
     frames = [run_images(client, run, workdir) for run in runs]
     frames = [f for f in frames if not f.empty]
     if not frames:
-        return pd.DataFrame(columns=["run_id", "run_name", "run_status", *SETTINGS, *IMAGE_COLUMNS])
+        columns = ["run_id", "run_name", "run_status", *SETTINGS, *image_columns()]
+        return pd.DataFrame(columns=columns)
     images = pd.concat(frames, ignore_index=True)
     images["iou"] = images["iou"].astype(float)
     images["lime_samples"] = images["lime_samples"].astype("Int64")
@@ -358,7 +243,7 @@ def _mean(series: pd.Series) -> float:
 
 
 def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
-    """One row per settings group: run and image counts, IoU statistics, timings, statuses."""
+    """One row per settings group: run and image counts, IoU statistics, statuses, metrics."""
     run_frame = pd.DataFrame(
         [{"run_id": r.info.run_id, "run_status": r.info.status, **run_settings(r)} for r in runs],
         columns=["run_id", "run_status", *SETTINGS],
@@ -378,16 +263,22 @@ def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
             std_iou=float(iou.std(ddof=0)) if len(iou) else math.nan,
             min_iou=float(iou.min()) if len(iou) else math.nan,
             max_iou=float(iou.max()) if len(iou) else math.nan,
-            mean_cam_seconds=_mean(part["cam_seconds"]),
-            mean_lime_seconds=_mean(part["lime_seconds"]),
         )
-        for status in STATUSES:
-            row[f"n_{status}"] = int((part["status"] == status).sum())
-        for name in EXTRA_METRICS:
-            row[f"mean_{name}"] = _mean(part[name]) if name in part else math.nan
+        for status in Status:
+            row[f"n_{status}"] = int((part["status"] == status.value).sum())
+        for spec in METRICS.values():
+            mean = _mean(part[spec.name]) if spec.name in part else math.nan
+            for stat in _group_stats(spec) if spec.name != "iou" else []:
+                row[spec.run_metric(stat)] = mean
         rows.append(row)
-    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    unused = [f"mean_{name}" for name in EXTRA_METRICS if table[f"mean_{name}"].isna().all()]
+    table = pd.DataFrame(rows, columns=list(table_columns()))
+    unused = [
+        name
+        for spec in METRICS.values()
+        if spec.compute is not None
+        for name in spec.run_metrics
+        if name in table and table[name].isna().all()
+    ]
     table = table.drop(columns=unused)  # only the metrics the runs computed
     table["lime_samples"] = table["lime_samples"].astype("Int64")
     order = ["method", "lime_mode", "lime_samples", "cam_top_fraction"]
@@ -405,74 +296,12 @@ def format_table(table: pd.DataFrame) -> str:
     formatters = {
         "cam_top_fraction": lambda v: "-" if pd.isna(v) else f"{v:g}",
         "lime_samples": lambda v: "-" if pd.isna(v) else str(int(v)),
-        "mean_iou": fixed(3),
-        "std_iou": fixed(3),
-        "min_iou": fixed(3),
-        "max_iou": fixed(3),
-        "mean_cam_seconds": fixed(3),
-        "mean_lime_seconds": fixed(3),
-        **{f"mean_{name}": fixed(3) for name in EXTRA_METRICS},
+        **{name: fixed(3) for name in table.columns if table[name].dtype.kind == "f"},
     }
     return table.to_string(index=False, formatters=formatters, na_rep="-")
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def plot_iou_vs_threshold(table: pd.DataFrame, path: Path) -> Path:
-    """Mean IoU ± std against cam_top_fraction, one line per method x LIME samples x mode."""
-    figure = Figure(figsize=(7.5, 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    lines = 0
-    groups = table.groupby(["method", "lime_samples", "lime_mode"], dropna=False, sort=True)
-    for (method, samples, mode), part in groups:
-        part = part.dropna(subset=["cam_top_fraction", "mean_iou"]).sort_values("cam_top_fraction")
-        if part.empty:
-            continue
-        samples_text = "?" if pd.isna(samples) else str(int(samples))
-        axes.errorbar(
-            part["cam_top_fraction"],
-            part["mean_iou"],
-            yerr=part["std_iou"].fillna(0.0),
-            marker="o",
-            capsize=3,
-            linestyle="--" if mode == "area_matched" else "-",
-            label=f"{method}, {samples_text} LIME samples, {mode}",
-        )
-        lines += 1
-    axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")
-    axes.set_ylabel("mean IoU (± std over images)")
-    axes.set_title("CAM vs LIME agreement")
-    axes.grid(alpha=0.3)
-    if lines:
-        axes.legend(fontsize="small")
-    else:
-        axes.text(0.5, 0.5, "no IoU to plot", ha="center", va="center", transform=axes.transAxes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    return path
-
-
-def _settings_text(row: Mapping[str, Any]) -> str:
-    fraction = row["cam_top_fraction"]
-    samples = row["lime_samples"]
-    return (
-        f"{row['method']}, top {'?' if pd.isna(fraction) else f'{fraction:g}'}, "
-        f"{row['lime_mode']}, {'?' if pd.isna(samples) else int(samples)} LIME samples"
-    )
-
-
-def gallery_rows(images: pd.DataFrame, size: int = GALLERY_SIZE) -> list[tuple[str, pd.Series]]:
-    """The `size` highest- and lowest-IoU images over all runs (never the same row twice)."""
-    scored = images.dropna(subset=["iou"])
-    keys = ["iou", "run_name", "image"]
-    best = scored.sort_values(keys, ascending=[False, True, True], kind="mergesort").head(size)
-    rest = scored.drop(index=best.index)
-    worst = rest.sort_values(keys, ascending=[True, True, True], kind="mergesort").head(size)
-    return [("best", row) for _, row in best.iterrows()] + [
-        ("worst", row) for _, row in worst.iterrows()
-    ]
 
 
 def _stem_candidates(row: pd.Series) -> list[str]:
@@ -522,7 +351,7 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / CSV_NAME
     comparison.table.to_csv(csv_path, index=False)
-    plot_path = plot_iou_vs_threshold(comparison.table, out_dir / PLOT_NAME)
+    plot_path = plots.save_figure(plots.iou_vs_threshold(comparison.table), out_dir / PLOT_NAME)
     overlays = _Overlays(client, workdir)
     gallery = [
         GalleryItem(
@@ -531,14 +360,15 @@ def write_outputs(
             run_name=row["run_name"],
             image=str(row["image"]),
             iou=float(row["iou"]),
-            settings=_settings_text(row),
+            settings=settings_text(row),
             png=overlays.png(row),
         )
         for kind, row in gallery_rows(comparison.images)
     ]
-    html_path = out_dir / HTML_NAME
-    page = render_html(title, meta, comparison.table, plot_path.read_bytes(), gallery)
-    html_path.write_text(page, encoding="utf-8")
+    html_path = atomic_write_text(
+        out_dir / HTML_NAME,
+        render_html(title, meta, comparison.table, plot_path.read_bytes(), gallery),
+    )
     comparison.files = {"csv": csv_path, "plot": plot_path, "html": html_path}
     return comparison.files
 
@@ -554,7 +384,7 @@ def build_comparison(
     runs = [r for r in runs if not is_sweep_parent(r)]
     if not runs:
         raise CompareError("no study runs to compare")
-    with tempfile.TemporaryDirectory(prefix="xai-exp-compare-") as tmp, _quiet_downloads():
+    with tempfile.TemporaryDirectory(prefix="xai-exp-compare-") as tmp, quiet_downloads():
         workdir = Path(tmp)
         images = collect_images(client, runs, workdir)
         comparison = Comparison(summarize_groups(runs, images), images, list(runs))
@@ -587,7 +417,7 @@ def compare(
     client = open_store(tracking_uri)
     parent = None
     if parent_run_id:
-        parent = resolve_parent(client, tracking_uri, parent_run_id)
+        parent = resolve_run(client, tracking_uri, parent_run_id)
         experiment_ids = [parent.info.experiment_id]
         scope = f"children of run {parent_run_id} ({run_label(parent)})"
     else:

@@ -50,12 +50,14 @@ class ThresholdConfig:
 
 @dataclass
 class SegmentationConfig:
-    """LIME superpixels: a scikit-image algorithm and its parameters."""
+    """LIME superpixels: a scikit-image algorithm and its parameters.
+
+    `params` is empty here (scikit-image's defaults): each ``conf/lime/*.yaml`` sets its
+    algorithm's parameters, and a schema default would be merged into every one of them.
+    """
 
     algorithm: str = "quickshift"
-    params: dict[str, Any] = field(
-        default_factory=lambda: {"kernel_size": 4, "max_dist": 200, "ratio": 0.2}
-    )
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class MetricsConfig:
     batch_size: int = 32
     sanity_layers: int | None = 3
     sanity_threshold: float = 0.5
+    plugins: list[str] = field(default_factory=list)  # modules that register more metrics
 
 
 @dataclass

@@ -8,20 +8,15 @@ probability is recorded. A faithful map gives a low deletion AUC and a high inse
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from xai_exp.agreement import check_map, curve_area
+from xai_exp.agreement import curve_area
+from xai_exp.config import BASELINES
+from xai_exp.masks import check_map
 from xai_exp.models import Classifier
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-BASELINES = ("black", "mean", "blur")
 
 
 @dataclass
@@ -116,45 +111,3 @@ def deletion_insertion(
         deletion_auc=curve_area(fractions, deletion),
         insertion_auc=curve_area(fractions, insertion),
     )
-
-
-def _mean_curve(curves: Sequence[FaithfulnessCurves], kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of one kind of curve over images, on the first curve's fraction grid."""
-    grid = curves[0].fractions
-    stacked = [np.interp(grid, c.fractions, getattr(c, kind)) for c in curves]
-    return grid, np.mean(stacked, axis=0)
-
-
-def curve_plot(
-    curves_by_method: Mapping[str, FaithfulnessCurves | Sequence[FaithfulnessCurves]],
-) -> Figure:
-    """Figure of mean deletion (left) and insertion (right) curves per method, AUC in legend.
-
-    Built as a bare matplotlib Figure (Agg canvas, no pyplot state, no display).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2, sharey=True)
-    for method, value in curves_by_method.items():
-        curves = [value] if isinstance(value, FaithfulnessCurves) else list(value)
-        if not curves:
-            continue
-        for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
-            grid, mean = _mean_curve(curves, kind)
-            auc = float(np.mean([getattr(c, f"{kind}_auc") for c in curves]))
-            ax.plot(grid, mean, label=f"{method} (AUC {auc:.3f}, n={len(curves)})")
-    for ax, kind in zip(
-        axes, ("Deletion (lower is better)", "Insertion (higher is better)"), strict=True
-    ):
-        ax.set_title(kind)
-        ax.set_xlabel("fraction of pixels")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-    axes[0].set_ylabel("target-class probability")
-    return figure

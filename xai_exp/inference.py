@@ -7,24 +7,22 @@ against the original logits) and weights stored channels_last, which oneDNN/cuDN
 Folding changes logits only by float rounding (~1e-6 relative); the original network is never
 modified, so hooks, gradients and the grad-cam reference paths see the model as loaded.
 
-`prepare_for_inference(classifier, precision)` builds the copy up front and records the
-precision (`fp32` or `bf16` autocast) the fast CAM paths use; without it, the copy is built
-lazily on first use and the fast CAM paths run fp32.
+`prepare_for_inference(classifier)` builds the copy up front; without it, the copy is built
+lazily on first use. Precision (`fp32`, or `bf16` autocast) is an argument of every forward pass.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from xai_exp.config import PRECISIONS
-from xai_exp.models import Classifier
+from xai_exp.models import Classifier, autocast
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ class _Prepared:
     channels_last: bool
     fused: bool
     fingerprint: tuple
-    precision: str = "fp32"
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Prepared] = weakref.WeakKeyDictionary()
@@ -69,7 +66,7 @@ def _without_batchnorm(bn: nn.Module) -> nn.Module | None:
         return nn.Identity()
     # timm's BatchNormAct2d: batch_norm, then self.drop, then self.act
     if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
-        return nn.Sequential(bn.drop, bn.act)
+        return nn.Sequential(cast(nn.Module, bn.drop), cast(nn.Module, bn.act))
     return None
 
 
@@ -84,7 +81,7 @@ def _fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> nn.Module | None:
     names = {module: name for name, module in network.named_modules()}
     producer: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     calls: dict[nn.Module, int] = {}
-    pairs: list[tuple[nn.Conv2d, nn.Module]] = []
+    pairs: list[tuple[nn.Module, nn.Module]] = []
 
     def after_conv(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         calls[module] = calls.get(module, 0) + 1
@@ -112,7 +109,9 @@ def _fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> nn.Module | None:
         producer.clear()
     folded = 0
     with torch.no_grad():
-        for conv, bn in pairs:
+        for conv_module, bn_module in pairs:
+            conv = cast(nn.Conv2d, conv_module)
+            bn = cast(nn.BatchNorm2d, bn_module)
             remainder = _without_batchnorm(bn)
             if (
                 remainder is None
@@ -159,27 +158,17 @@ def _prepared(classifier: Classifier) -> _Prepared:
     model = classifier.model
     entry = _CACHE.get(model)
     if entry is None or entry.fingerprint != _fingerprint(model):
-        precision = entry.precision if entry is not None else "fp32"
         generator = torch.Generator().manual_seed(0)
         size = classifier.input_size
         probe = torch.randn(1, 3, size, size, generator=generator).to(classifier.device)
         entry = _build(model, probe, optimize=True)
-        entry.precision = precision
         _CACHE[model] = entry
     return entry
 
 
-def prepare_for_inference(classifier: Classifier, precision: str = "fp32") -> None:
-    """Build the inference copy now and set the precision the fast CAM paths use."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    _prepared(classifier).precision = precision
-
-
-def inference_precision(classifier: Classifier) -> str:
-    """Precision set by `prepare_for_inference` for this classifier (default fp32)."""
-    entry = _CACHE.get(classifier.model)
-    return entry.precision if entry is not None else "fp32"
+def prepare_for_inference(classifier: Classifier) -> None:
+    """Build the inference copy now (rather than on the first forward pass)."""
+    _prepared(classifier)
 
 
 def inference_network(classifier: Classifier) -> nn.Module:
@@ -209,12 +198,3 @@ def forward_logits(classifier: Classifier, batch: torch.Tensor, precision: str) 
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             outputs.append(network(chunk).float())
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for, otherwise nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    return contextlib.nullcontext()

@@ -11,12 +11,14 @@ class DegenerateMapError(ValueError):
     """A map that no threshold can turn into a meaningful mask (constant, NaN, no positive)."""
 
 
-def check_cam(cam: np.ndarray) -> None:
-    """Raise DegenerateMapError for a NaN or constant map (its top fraction would be arbitrary)."""
-    if not np.all(np.isfinite(cam)):
-        raise DegenerateMapError("CAM map has NaN or infinite values")
-    if float(cam.max()) - float(cam.min()) <= 1e-12:
-        raise DegenerateMapError(f"CAM map is constant ({float(cam.max()):.3g} everywhere)")
+def check_map(values: np.ndarray, name: str = "CAM map") -> None:
+    """Raise DegenerateMapError for a map with NaN/inf or a single value (it ranks nothing)."""
+    if not np.all(np.isfinite(values)):
+        raise DegenerateMapError(f"{name} has NaN or infinite values")
+    if values.size == 0:
+        raise DegenerateMapError(f"{name} is empty")
+    if float(values.max()) - float(values.min()) <= 1e-12:
+        raise DegenerateMapError(f"{name} is constant ({float(values.max()):.3g} everywhere)")
 
 
 def cam_top_fraction_mask(cam: np.ndarray, fraction: float) -> np.ndarray:
@@ -26,7 +28,7 @@ def cam_top_fraction_mask(cam: np.ndarray, fraction: float) -> np.ndarray:
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    check_cam(cam)
+    check_map(cam)
     count = max(1, math.ceil(fraction * cam.size - 1e-9))
     flat = cam.ravel()
     cut = np.partition(flat, flat.size - count)[flat.size - count]

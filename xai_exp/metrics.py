@@ -1,4 +1,4 @@
-"""Agreement metrics between masks, and summaries over images."""
+"""Agreement of two masks (IoU), and summaries of per-image values."""
 
 from __future__ import annotations
 
@@ -6,18 +6,6 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-
-# Per-image metrics beyond IoU at the threshold (see the metrics/ config group).
-EXTRA_METRICS = (
-    "iou_auc",
-    "spearman",
-    "pointing_game",
-    "cam_deletion_auc",
-    "cam_insertion_auc",
-    "lime_deletion_auc",
-    "lime_insertion_auc",
-    "randomisation_rho",
-)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

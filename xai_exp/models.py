@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from xai_exp.config import ConfigError, ModelConfig
+from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
 
 BUNDLED_ARCH = "efficientnet_lite0"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -54,9 +55,23 @@ class Classifier:
         """NHWC (or HWC) uint8 RGB images to the model's normalised NCHW float input."""
         return self.normalised_pixels(images).permute(0, 3, 1, 2)
 
+    def predict(self, images: np.ndarray, precision: str = "fp32") -> np.ndarray:
+        """Class probabilities (N x classes, numpy) of NHWC (or HWC) uint8 RGB images."""
+        with torch.inference_mode(), autocast(self.device, precision):
+            return self.model(self.input_tensor(images)).float().softmax(dim=-1).cpu().numpy()
+
     def label(self, index: int) -> str:
         """Human-readable class name."""
         return self.labels[index] if 0 <= index < len(self.labels) else f"class {index}"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for, otherwise nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return contextlib.nullcontext()
 
 
 def imagenet_labels() -> list[str]:
@@ -260,9 +275,3 @@ def fit_to_input(image: np.ndarray, size: int) -> np.ndarray:
     pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
-
-
-def predict_probabilities(classifier: Classifier, batch: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities of a normalised input batch, without autograd."""
-    with torch.inference_mode():
-        return classifier.model(batch.to(classifier.device)).float().softmax(dim=-1)

@@ -1,5 +1,8 @@
 """Self-contained HTML report of a comparison: table, plot and overlay gallery, all inline.
 
+It takes a table and images (no store access): `gallery_rows` picks the images to show from
+the per-image table, the caller fetches their overlays, `render_html` writes the page.
+
 Everything the page shows is embedded (CSS in a <style> block, images as base64 ``data:`` URIs),
 so the file can be mailed, attached to an MLflow run or opened offline.
 """
@@ -9,8 +12,9 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -42,6 +46,31 @@ class GalleryItem:
     iou: float
     settings: str
     png: bytes | None
+
+
+GALLERY_SIZE = 3
+
+
+def settings_text(row: Mapping[str, Any]) -> str:
+    """A group's settings in words: ``gradcam, top 0.1, top_k, 1000 LIME samples``."""
+    fraction = row["cam_top_fraction"]
+    samples = row["lime_samples"]
+    return (
+        f"{row['method']}, top {'?' if pd.isna(fraction) else f'{fraction:g}'}, "
+        f"{row['lime_mode']}, {'?' if pd.isna(samples) else int(samples)} LIME samples"
+    )
+
+
+def gallery_rows(images: pd.DataFrame, size: int = GALLERY_SIZE) -> list[tuple[str, pd.Series]]:
+    """The `size` highest- and lowest-IoU images over all runs (never the same row twice)."""
+    scored = images.dropna(subset=["iou"])
+    keys = ["iou", "run_name", "image"]
+    best = scored.sort_values(keys, ascending=[False, True, True], kind="mergesort").head(size)
+    rest = scored.drop(index=best.index)
+    worst = rest.sort_values(keys, ascending=[True, True, True], kind="mergesort").head(size)
+    return [("best", row) for _, row in best.iterrows()] + [
+        ("worst", row) for _, row in worst.iterrows()
+    ]
 
 
 def png_data_uri(png: bytes) -> str:

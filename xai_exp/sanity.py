@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xai_exp.agreement import check_map, rank_correlation
-from xai_exp.masks import DegenerateMapError
+from xai_exp.agreement import rank_correlation
+from xai_exp.masks import DegenerateMapError, check_map
 from xai_exp.models import Classifier, resolve_layer
 
 
@@ -54,8 +54,9 @@ def _randomise(module: nn.Module) -> None:
     """
     with torch.no_grad():
         has_children = any(True for _ in module.children())
-        if not has_children and callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if not has_children and callable(reset):
+            reset()
             return
         for parameter in module.parameters(recurse=False):
             std = float(parameter.float().std()) if parameter.numel() > 1 else 0.0

@@ -11,9 +11,28 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from xai_exp.tracking import PARENT_TAG, RunLogger, TrackingError, connect
+from xai_exp.errors import describe
+from xai_exp.files import atomic_write_text
+from xai_exp.tracking import (
+    ROLE_TAG,
+    RunLogger,
+    TrackingError,
+    child_runs,
+    connect,
+    redact_uri,
+)
 
 log = logging.getLogger("xai_exp")
+
+PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: the parent run id and the swept keys
+
+
+def read_parent_marker(sweep_dir: str | Path | None) -> dict[str, Any] | None:
+    """What the sweep callback left for the jobs (``run_id``, ``uri``, ``swept_keys``)."""
+    if sweep_dir is None:
+        return None
+    marker = Path(sweep_dir) / PARENT_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -54,18 +73,22 @@ class MlflowSweepCallback(Callback):
             client,
             experiment_id,
             run_name=f"sweep {self.sweep_dir.name}",
-            tags={"sweep_dir": str(self.sweep_dir), "sweep_overrides": overrides, "role": "sweep"},
+            tags={
+                "sweep_dir": str(self.sweep_dir),
+                "sweep_overrides": overrides,
+                ROLE_TAG: "sweep",
+            },
         )
         self.cfg = config
-        marker = self.sweep_dir / "mlflow_parent.json"
-        marker.write_text(
+        atomic_write_text(
+            self.sweep_dir / PARENT_FILE,
             json.dumps(
                 {
                     "run_id": self.parent.run_id,
-                    "uri": tracking.uri,
+                    "uri": redact_uri(tracking.uri),
                     "swept_keys": swept_keys(config),
                 }
-            )
+            ),
         )
         atexit.register(self._close, interrupted=True)
         log.info("sweep parent run %s", self.parent.run_id)
@@ -78,18 +101,14 @@ class MlflowSweepCallback(Callback):
         parent, self.parent = self.parent, None
         if parent is None:
             return
-        client = parent.client
-        experiment_id = client.get_run(parent.run_id).info.experiment_id
-        children = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'"
-        )
+        children = child_runs(parent.client, parent.client.get_run(parent.run_id))
         failed = [c for c in children if c.info.status == "FAILED"]
         try:
             from xai_exp.compare import log_comparison_to_parent
 
             log_comparison_to_parent(parent, children, self.sweep_dir)
         except Exception as error:  # noqa: BLE001 - closing the parent matters more
-            log.warning("could not log the sweep comparison: %s", error)
+            log.warning("could not log the sweep comparison: %s", describe(error))
         parent.set_tags({"n_children": len(children), "n_failed_children": len(failed)})
         if failed:
             parent.finish("FAILED")

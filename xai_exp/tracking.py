@@ -1,4 +1,8 @@
-"""MLflow logging of study runs: params, metrics, artifacts, parent/child runs (client API only)."""
+"""MLflow access: opening a store, finding experiments and runs, logging runs (client API only).
+
+Shared by the Hydra job, the sweep callback and ``xai-exp compare``. Every URI that is printed,
+logged or put in a message goes through `redact_uri` first, so a password never leaks.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,63 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from xai_exp.errors import describe
 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "role"  # "sweep" on a sweep's parent run
 BATCH = 100
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI and what to do."""
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a password (safe to print, log and put in a report)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def scrub(text: str, uri: str) -> str:
+    """`text` with the URI's password masked (MLflow's errors quote the full request URL)."""
+    password = urlsplit(uri).password
+    return text.replace(f":{password}@", ":***@") if password else text
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory ones)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def unreachable(uri: str, error: BaseException, hint: str) -> TrackingError:
+    """The one-line error for a store that does not answer (password masked)."""
+    return TrackingError(
+        f"tracking store {redact_uri(uri)} is unreachable ({scrub(describe(error, 160), uri)}); "
+        + hint
+    )
 
 
 @contextlib.contextmanager
@@ -47,7 +93,7 @@ def fail_fast_http() -> contextlib.AbstractContextManager[None]:
 
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """Client and experiment id; fails fast with one line when the store is unreachable.
+    """Client and experiment id (created when missing); one line when the store is unreachable.
 
     Creating the experiment here, once, before any job starts avoids parallel jobs racing to
     create it in the same store.
@@ -66,11 +112,94 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
                     raise
                 return client, found.experiment_id
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise TrackingError(
-            f"tracking store {uri} is unreachable ({type(error).__name__}: {first[:160]}); "
-            "start the server or set tracking.uri=sqlite:///mlflow.db (or tracking.enabled=false)"
+        raise unreachable(
+            uri,
+            error,
+            "start the server or set tracking.uri=sqlite:///mlflow.db (or tracking=none)",
         ) from error
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client for reading `uri`; a sqlite URI must name an existing file (never create one)."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise TrackingError(
+            f"tracking store {redact_uri(uri)} not found: there is no file {path} "
+            "(run a study first, or pass --tracking-uri)"
+        )
+    return MlflowClient(tracking_uri=uri)
+
+
+def resolve_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """Experiment id for `name`, or a TrackingError naming the experiments that exist."""
+    with fail_fast_http():
+        try:
+            found = client.get_experiment_by_name(name)
+            if found is not None:
+                return found.experiment_id
+            names = [e.name for e in client.search_experiments(max_results=20)]
+        except Exception as error:  # any store failure (MlflowException, OSError...): one line
+            raise unreachable(uri, error, "start the server or pass --tracking-uri") from error
+    known = ", ".join(repr(n) for n in names) or "none"
+    raise TrackingError(
+        f"experiment {name!r} not found at {redact_uri(uri)} (experiments there: {known}); "
+        "pass --experiment"
+    )
+
+
+def resolve_run(client: MlflowClient, uri: str, run_id: str) -> Run:
+    """The run with this id, or a TrackingError when it does not exist."""
+    with fail_fast_http():
+        try:
+            return client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise TrackingError(
+                    f"run {run_id} not found at {redact_uri(uri)}; pass a parent run id "
+                    "(the sweep's mlflow_parent.json names it)"
+                ) from error
+            raise unreachable(uri, error, "start the server or pass --tracking-uri") from error
+        except Exception as error:
+            raise unreachable(uri, error, "start the server or pass --tracking-uri") from error
+
+
+def is_sweep_parent(run: Run) -> bool:
+    """True for the parent run the sweep callback creates (tag role=sweep)."""
+    return run.data.tags.get(ROLE_TAG) == "sweep"
+
+
+def search_all_runs(
+    client: MlflowClient, experiment_ids: Sequence[str], filter_string: str = ""
+) -> list[Run]:
+    """Every active run matching the filter, oldest first, across result pages."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            list(experiment_ids),
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """The runs whose parent is `parent`, oldest first."""
+    return search_all_runs(
+        client,
+        [parent.info.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+    )
+
+
+def quiet_downloads() -> contextlib.AbstractContextManager[None]:
+    """No per-file download progress bars on stderr."""
+    return temporary_env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,7 +256,7 @@ class RunLogger:
         for start in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, tags=items[start : start + BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float | bool | None], step: int = 0) -> None:
         """Finite metrics in batches (NaN and None are skipped: MLflow charts cannot show them)."""
         stamp = _now_ms()
         items = [
@@ -149,10 +278,6 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         """Terminate the run with FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
-
-    def status(self) -> str:
-        """Current status of the run."""
-        return self.client.get_run(self.run_id).info.status
 
 
 def terminal_status(error: BaseException | None) -> str:

@@ -31,8 +31,6 @@ CAM_METHODS: dict[str, str] = {
     "fullgrad": "FullGrad",
     "randomcam": "RandomCAM",
 }
-# Methods whose cost is one forward pass per target-layer channel; they take a batch size.
-BATCHED_METHODS = ("scorecam", "ablationcam")
 # grad-cam modules that print their own tqdm progress bars.
 _NOISY_MODULES = ("pytorch_grad_cam.score_cam", "pytorch_grad_cam.ablation_cam")
 
@@ -103,13 +101,18 @@ def compute_cam(
     target_class: int,
     batch_size: int = 32,
     implementation: str = "fast",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """HxW CAM map in grad-cam's format; `fast` uses an exact fast path where one exists."""
+    """HxW CAM map in grad-cam's format; `fast` uses an exact fast path where one exists.
+
+    `precision` applies to the fast paths; grad-cam's own classes always run fp32 (they fail
+    under bf16 autocast).
+    """
     check_method(method)
     if implementation == "fast":
         from xai_exp.explainers import fast_cam
 
         fast = fast_cam.FAST_METHODS.get(method)
         if fast is not None and fast_cam.supports(classifier, method):
-            return fast(classifier, input_tensor, target_class, batch_size)
+            return fast(classifier, input_tensor, target_class, batch_size, precision=precision)
     return reference_cam(classifier, input_tensor, method, target_class, batch_size)

@@ -12,13 +12,13 @@ resize), only computed with fewer and larger forward passes:
   batch size through the inference copy of the network (see `xai_exp.inference`); channels whose
   normalised upsampled masks are bitwise identical (e.g. all-zero channels) are classified once.
 
-Each fast function takes an optional keyword `precision` ("fp32" | "bf16"); by default it uses
-the precision `xai_exp.inference.prepare_for_inference` set for the classifier (fp32 if none).
+Each fast function takes the keyword `precision` ("fp32" | "bf16", default fp32).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,9 +27,22 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 
 from xai_exp import inference
-from xai_exp.models import Classifier
+from xai_exp.models import Classifier, autocast
 
-FastCam = Callable[[Classifier, torch.Tensor, int, int], np.ndarray]
+
+class FastCam(Protocol):
+    """A fast CAM: (classifier, 1x3xHxW input, target class, batch size) -> HxW map."""
+
+    def __call__(
+        self,
+        classifier: Classifier,
+        input_tensor: torch.Tensor,
+        target_class: int,
+        batch_size: int,
+        *,
+        precision: str = "fp32",
+    ) -> np.ndarray: ...
+
 
 ABLATION_VALUE = 1e7  # grad-cam's AblationLayer constant for layers whose minimum is not 0
 TAIL_BATCH = 256  # ablated activations per tail batch (the tail is tiny next to the network)
@@ -37,10 +50,6 @@ _KEY_DECIMALS = 6  # rounding of the candidate key that groups possibly identica
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-def _precision(classifier: Classifier, precision: str | None) -> str:
-    return inference.inference_precision(classifier) if precision is None else precision
 
 
 def _activations_and_logits(
@@ -54,7 +63,7 @@ def _activations_and_logits(
 
     handle = classifier.target_layer.register_forward_hook(hook)
     try:
-        with torch.inference_mode(), inference.autocast(classifier.device, precision):
+        with torch.inference_mode(), autocast(classifier.device, precision):
             logits = classifier.model(input_tensor.to(classifier.device)).float()
     finally:
         handle.remove()
@@ -107,7 +116,7 @@ def resnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.Tensor
     Supported targets: a stage (`layer1`..`layer4`) or one block of a stage (`layer4.-1`).
     None when the model is not a plain torchvision ResNet or the target is elsewhere.
     """
-    model = classifier.model
+    model: Any = classifier.model  # a torchvision ResNet: its stages are attributes
     if not _is_plain_resnet(model):
         return None
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]
@@ -147,7 +156,7 @@ def efficientnet_tail(classifier: Classifier) -> Callable[[torch.Tensor], torch.
 
     Supported targets: the last feature map (`bn2`, after its activation) or `conv_head`.
     """
-    model = classifier.model
+    model: Any = classifier.model  # a timm EfficientNet
     if not _is_plain_timm_efficientnet(model):
         return None
     if classifier.target_layer is model.bn2:
@@ -172,14 +181,13 @@ def ablation_values(activations: torch.Tensor, num_channels: int, batch_size: in
     minimum = activations.min()
     if bool(minimum == 0):
         return torch.zeros(num_channels, dtype=activations.dtype, device=activations.device)
-    per_position = []
+    values = []
     current = minimum
     for _ in range(min(batch_size, num_channels)):
         current = current - ABLATION_VALUE
-        per_position.append(current)
-    per_position = torch.stack(per_position)
+        values.append(current)
     positions = torch.arange(num_channels, device=activations.device) % batch_size
-    return per_position[positions]
+    return torch.stack(values)[positions]
 
 
 def fast_ablation_cam(
@@ -188,19 +196,18 @@ def fast_ablation_cam(
     target_class: int,
     batch_size: int,
     *,
-    precision: str | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """grad-cam's AblationCAM map, recomputing only the network tail for each ablation."""
     tail = separable_tail(classifier)
     if tail is None:
         raise ValueError(f"no separable tail after {classifier.target_layer_name}; use grad-cam")
-    precision = _precision(classifier, precision)
     activations, logits = _activations_and_logits(classifier, input_tensor, precision)
     original = np.float32(logits[0, target_class].item())
     channels = activations.shape[1]
     values = ablation_values(activations[0], channels, batch_size)
     scores = []
-    with torch.inference_mode(), inference.autocast(classifier.device, precision):
+    with torch.inference_mode(), autocast(classifier.device, precision):
         for start in range(0, channels, TAIL_BATCH):
             stop = min(start + TAIL_BATCH, channels)
             ablated = activations.repeat(stop - start, 1, 1, 1)
@@ -233,7 +240,9 @@ def unique_masks(activations: torch.Tensor, size: tuple[int, int]) -> list[int]:
     """
     low = activations.detach().double().flatten(1).cpu().numpy()
     span = low.max(axis=1, keepdims=True) - low.min(axis=1, keepdims=True)
-    normalised = np.round((low - low.min(axis=1, keepdims=True)) / np.where(span > 0, span, 1), 6)
+    normalised = np.round(
+        (low - low.min(axis=1, keepdims=True)) / np.where(span > 0, span, 1), _KEY_DECIMALS
+    )
     groups: dict[bytes, list[int]] = {}
     for channel, row in enumerate(normalised):
         groups.setdefault(row.tobytes(), []).append(channel)
@@ -258,11 +267,10 @@ def fast_score_cam(
     target_class: int,
     batch_size: int,
     *,
-    precision: str | None = None,
+    precision: str = "fp32",
     skip_duplicates: bool = True,
 ) -> np.ndarray:
     """grad-cam's ScoreCAM map: batched masked inputs on the device, duplicate masks run once."""
-    precision = _precision(classifier, precision)
     input_tensor = input_tensor.to(classifier.device)
     activations, _ = _activations_and_logits(classifier, input_tensor, precision)
     channels = activations.shape[1]

@@ -8,7 +8,8 @@ perturbed images on the model's device in large batches, and fits the surrogate 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,17 +58,6 @@ def fudged_image(image: np.ndarray, segments: np.ndarray, hide_color: int | None
     return fudged
 
 
-def classifier_fn(classifier: Classifier, precision: str = "fp32") -> Callable:
-    """lime-style classifier function: NHWC uint8 batch -> class probabilities (numpy)."""
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        batch = classifier.input_tensor(images)
-        with torch.inference_mode(), inference.autocast(classifier.device, precision):
-            return classifier.model(batch).float().softmax(dim=-1).cpu().numpy()
-
-    return predict
-
-
 @contextlib.contextmanager
 def _quiet_lime() -> Iterator[None]:
     original = lime_image.tqdm
@@ -95,7 +85,7 @@ def reference_lime(
     with _quiet_lime():
         explanation = explainer.explain_instance(
             image,
-            classifier_fn(classifier, precision),
+            functools.partial(classifier.predict, precision=precision),
             labels=(target_class,),
             top_labels=None,
             hide_color=hide_color,

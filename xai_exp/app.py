@@ -1,0 +1,116 @@
+"""The Hydra application: compose the config, run one study job, one line for user errors.
+
+``xai-exp run [overrides]`` (installed) and ``python run.py [overrides]`` (checkout) both end
+here. The config groups are ``conf/`` at the top of the checkout, shipped inside the package
+as ``xai_exp/conf`` when installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from xai_exp.config import ConfigError, StudyConfig
+from xai_exp.data import DataError
+from xai_exp.job import JobContext, execute
+from xai_exp.models import ModelLoadError
+from xai_exp.tracking import TrackingError
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackingError)
+
+
+def config_dir() -> Path:
+    """The config groups: ``xai_exp/conf`` when installed, else ``conf/`` of the checkout."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
+
+
+class JobError(CompactHydraException):
+    """A user-facing failure: Hydra prints its message alone, without a traceback."""
+
+
+def register_configs() -> None:
+    """Register the typed schema that every composed config is validated against."""
+    ConfigStore.instance().store(name="study_schema", node=StudyConfig)
+
+
+def to_study_config(cfg: DictConfig) -> StudyConfig:
+    """The typed config of the job (Hydra's own node removed)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), plain)
+    study = OmegaConf.to_object(merged)
+    assert isinstance(study, StudyConfig)
+    return study
+
+
+def compose_config(overrides: Sequence[str] = ()) -> StudyConfig:
+    """The config `xai-exp run` would use with these overrides (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return to_study_config(cfg)
+
+
+def job_context() -> JobContext:
+    """Hydra's facts about this job: output dir, run mode, sweep dir, overrides, choices."""
+    if not HydraConfig.initialized():
+        return JobContext(output_dir=Path.cwd())
+    config = HydraConfig.get()
+    multirun = config.mode == RunMode.MULTIRUN
+    return JobContext(
+        output_dir=Path(config.runtime.output_dir),
+        multirun=multirun,
+        sweep_dir=str(Path(config.sweep.dir).resolve()) if multirun else None,
+        override_dirname=config.job.override_dirname or "",
+        job_num=config.job.num if multirun else None,  # set in sweeps only
+        task_overrides=tuple(config.overrides.task),
+        choices={
+            k: str(v) for k, v in config.runtime.choices.items() if not k.startswith("hydra/")
+        },
+    )
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Hydra task: one clear line for user errors, a FAILED run for anything else."""
+    context = job_context()
+    try:
+        return execute(to_study_config(cfg), context)
+    except USER_ERRORS as error:
+        message = f"xai-exp: {error}"
+        if context.multirun:
+            raise JobError(message) from None
+        print(message, file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
+    """Compose the config and run one study (one job of a sweep)."""
+    return run_job(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run studies with Hydra; `argv` are Hydra's arguments (default: the command line)."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    register_configs()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        print("xai-exp: interrupted; the run is marked KILLED", file=sys.stderr)
+        return 130
+    return 0

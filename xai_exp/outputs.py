@@ -1,0 +1,132 @@
+"""A run's local files: results.csv row by row, overlays, charts, summary and parameter files.
+
+Everything lands in the run's output folder first; the job uploads what it wants to MLflow.
+No MLflow and no Hydra here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from xai_exp import plots
+from xai_exp.config import StudyConfig
+from xai_exp.data import SkippedFile
+from xai_exp.faithfulness import FaithfulnessCurves
+from xai_exp.files import atomic_write_text
+from xai_exp.models import Classifier
+from xai_exp.results import ImageResult, Status, csv_columns
+
+RESULTS_CSV = "results.csv"
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+ImageHook = Callable[[int, ImageResult, Path | None], None]
+
+
+def inert_cell(value: Any) -> Any:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a quote."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+class ResultsWriter:
+    """Writes each image's CSV row and overlay as soon as it is done.
+
+    `on_image(index, result, overlay_path)` is called after the files are written (the job
+    logs them to MLflow there). Arrays are dropped afterwards, so memory stays flat.
+    """
+
+    def __init__(self, out_dir: Path, method: str, on_image: ImageHook | None = None) -> None:
+        self.out_dir = out_dir
+        self.method = method
+        self.on_image = on_image
+        self.csv_path = out_dir / RESULTS_CSV
+        self.results: list[ImageResult] = []
+        self.curves: dict[str, list[FaithfulnessCurves]] = {}  # per map source, for the plot
+        self.columns = csv_columns()
+        with self.csv_path.open("w", newline="", encoding="utf-8") as file:
+            csv.DictWriter(file, fieldnames=self.columns).writeheader()
+
+    def __call__(self, index: int, result: ImageResult) -> None:
+        self.results.append(result)
+        row = {
+            key: value if key == "artifact_stem" else inert_cell(value)
+            for key, value in result.row().items()
+        }
+        with self.csv_path.open("a", newline="", encoding="utf-8") as file:
+            csv.DictWriter(file, fieldnames=self.columns).writerow(row)
+        overlay = None
+        if result.status != Status.ERROR:
+            overlay = self.out_dir / "overlays" / f"{result.artifact_stem}.png"
+            plots.save_figure(plots.overlay_figure(result, self.method), overlay)
+        for source, curves in result.arrays.get("faithfulness", {}).items():
+            self.curves.setdefault(source, []).append(curves)
+        if self.on_image is not None:
+            self.on_image(index, result, overlay)
+        result.arrays.clear()
+
+
+def explanation_params(
+    cfg: StudyConfig, classifier: Classifier, versions: dict[str, str]
+) -> dict[str, Any]:
+    """What determines the explanations, as JSON (never pickled)."""
+    return {
+        "model": {
+            "arch": classifier.arch,
+            "identity": classifier.identity,
+            "target_layer": classifier.target_layer_name,
+            "input_size": classifier.input_size,
+        },
+        "method": dataclasses.asdict(cfg.method),
+        "lime": dataclasses.asdict(cfg.lime),
+        "threshold": dataclasses.asdict(cfg.threshold),
+        "precision": cfg.precision,
+        "device": str(classifier.device),
+        "versions": versions,
+    }
+
+
+def write_run_files(
+    writer: ResultsWriter,
+    params: dict[str, Any],
+    summary: dict[str, float],
+    skipped: Sequence[SkippedFile],
+) -> list[Path]:
+    """The run's files beside results.csv: charts, parameters, summary, skipped files.
+
+    Returns every file of the run (results.csv first), for upload.
+    """
+    out_dir, method = writer.out_dir, writer.method
+    files = [writer.csv_path]
+    files.append(
+        plots.save_figure(
+            plots.iou_bar_chart(writer.results, method), out_dir / "iou_bar_chart.png"
+        )
+    )
+    if writer.curves:
+        labels = {"cam": method, "lime": "LIME"}
+        curves = {labels[source]: found for source, found in writer.curves.items()}
+        files.append(
+            plots.save_figure(plots.curve_plot(curves), out_dir / "faithfulness_curves.png")
+        )
+    files.append(
+        atomic_write_text(out_dir / "explanation_params.json", json.dumps(params, indent=2))
+    )
+    finite = {
+        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()
+    }
+    files.append(atomic_write_text(out_dir / "summary.json", json.dumps(finite, indent=2)))
+    if skipped:
+        path = out_dir / "skipped_files.csv"
+        with path.open("w", newline="", encoding="utf-8") as file:
+            rows = csv.writer(file)
+            rows.writerow(["path", "reason"])
+            rows.writerows([(inert_cell(s.path), inert_cell(s.reason)) for s in skipped])
+        files.append(path)
+    return files

@@ -1,0 +1,392 @@
+"""What a study records: the per-image record, the metric registry and the run summary.
+
+Every number the study reports per image is a `MetricSpec` in `METRICS`. The CSV columns, the
+run-level MLflow metrics, the per-image MLflow series and the columns of ``xai-exp compare``
+are all derived from this registry, so adding a metric is one `register(MetricSpec(...))` with
+the function that computes it from an image's `Evidence`:
+
+    register(MetricSpec(
+        "cam_peak", "highest CAM value", Direction.HIGHER,
+        compute=lambda evidence: float(evidence.cam.max()),
+    ))
+
+No MLflow, no Hydra here: the job and ``compare`` read the registry, not the other way round.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from xai_exp.agreement import Agreement, agreement
+from xai_exp.config import ConfigError
+from xai_exp.errors import describe
+from xai_exp.masks import DegenerateMapError, lime_weight_map
+from xai_exp.metrics import summarize
+
+if TYPE_CHECKING:
+    from xai_exp.faithfulness import FaithfulnessCurves
+    from xai_exp.sanity import RandomisationResult
+
+Value = float | bool | None
+
+
+class Status(str, Enum):
+    """How an image ended: compared, flagged (no meaningful mask) or failed."""
+
+    OK = "ok"
+    FLAGGED = "flagged"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Direction(str, Enum):
+    """Which way a metric is better."""
+
+    HIGHER = "higher"
+    LOWER = "lower"
+    NEITHER = "neither"
+
+
+class Stat(str, Enum):
+    """How per-image values become run-level metrics (``<stat>_<name>``)."""
+
+    MEAN = "mean"
+    MEDIAN = "median"
+    STD = "std"
+    RATE = "rate"  # share of True among the images that have a value
+
+
+# -- what a metric function sees ---------------------------------------------------------------
+
+
+@dataclass
+class Evidence:
+    """One image's maps and masks, and cached access to the costly shared computations.
+
+    `faithfulness(source)` and `sanity()` come from the study (they run the model and use the
+    explanation cache); `shared` computes a value once per image for several metrics, and
+    records a degenerate map as a problem instead of failing the image.
+    """
+
+    view: np.ndarray  # HxWx3 uint8, what both methods explain
+    cam: np.ndarray  # HxW float
+    segments: np.ndarray  # HxW int, superpixel ids 0..n-1
+    weights: np.ndarray  # n float, LIME weight per superpixel
+    cam_mask: np.ndarray
+    lime_mask: np.ndarray | None
+    target: int
+    faithfulness_of: Callable[[str, np.ndarray], FaithfulnessCurves]
+    sanity_of: Callable[[], RandomisationResult]
+    problems: dict[str, str] = field(default_factory=dict)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, label: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per image; None (and a problem named `label`) for a degenerate map."""
+        if label not in self._memo:
+            try:
+                self._memo[label] = compute()
+            except DegenerateMapError as error:
+                self.problems[label] = str(error)
+                self._memo[label] = None
+        return self._memo[label]
+
+    def computed(self, label: str) -> Any:
+        """What `shared` computed under `label` for this image (None when it did not run)."""
+        return self._memo.get(label)
+
+    @property
+    def lime_map(self) -> np.ndarray:
+        """LIME's per-pixel weight map."""
+        return lime_weight_map(self.segments, self.weights)
+
+    def agreement(self) -> Agreement | None:
+        """IoU curve, Spearman and pointing game (None without a LIME mask)."""
+        lime_mask = self.lime_mask
+        if lime_mask is None:
+            return None
+        return self.shared(
+            "agreement", lambda: agreement(self.cam, self.segments, self.weights, lime_mask)
+        )
+
+    def curves(self, source: str) -> FaithfulnessCurves | None:
+        """Deletion/insertion curves of the CAM map (`cam`) or LIME's weight map (`lime`)."""
+        saliency = self.cam if source == "cam" else self.lime_map
+        return self.shared(f"{source} faithfulness", lambda: self.faithfulness_of(source, saliency))
+
+    def sanity(self) -> RandomisationResult | None:
+        """The model-parameter randomisation check of the CAM method."""
+        return self.shared("sanity", self.sanity_of)
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One per-image metric: its name, meaning, direction, summary and producer.
+
+    `compute` is None for the values the pipeline itself sets (IoU, timings). `requires` names
+    the ``metrics.<flag>`` config switch that turns the metric on (None: always on).
+    """
+
+    name: str
+    description: str
+    direction: Direction
+    stats: tuple[Stat, ...] = (Stat.MEAN,)
+    compute: Callable[[Evidence], Value] | None = None
+    requires: str | None = None
+    summary_names: Mapping[Stat, str] = field(default_factory=dict)
+
+    def run_metric(self, stat: Stat) -> str:
+        """Run-level MLflow metric name of one statistic, e.g. ``mean_iou``."""
+        return self.summary_names.get(stat, f"{stat.value}_{self.name}")
+
+    @property
+    def run_metrics(self) -> list[str]:
+        """Run-level metric names of all its statistics."""
+        return [self.run_metric(stat) for stat in self.stats]
+
+    @property
+    def image_metric(self) -> str:
+        """MLflow per-image series name (step = image index)."""
+        return f"image_{self.name}"
+
+    def enabled(self, flags: Mapping[str, bool]) -> bool:
+        """Whether the ``metrics`` config switches it on."""
+        return self.requires is None or bool(flags.get(self.requires, False))
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register(spec: MetricSpec) -> MetricSpec:
+    """Add a metric to the registry (names are unique); returns it."""
+    if spec.name in METRICS:
+        raise ValueError(f"metric {spec.name!r} is already registered")
+    if spec.name in RECORD_COLUMNS:
+        raise ValueError(f"metric name {spec.name!r} is a results column already")
+    METRICS[spec.name] = spec
+    return spec
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import modules whose import registers more metrics (``metrics.plugins``)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - any import failure is the user's to fix
+            raise ConfigError(
+                f"cannot import the metric plugin {name!r} ({describe(error)}); "
+                "is its folder on PYTHONPATH?"
+            ) from None
+
+
+def unregister(name: str) -> None:
+    """Remove a metric from the registry (tests and plugins)."""
+    METRICS.pop(name, None)
+
+
+def computed_metrics() -> list[MetricSpec]:
+    """The metrics with a compute function, in registration order."""
+    return [spec for spec in METRICS.values() if spec.compute is not None]
+
+
+def _agreement_value(name: str) -> Callable[[Evidence], Value]:
+    def compute(evidence: Evidence) -> Value:
+        found = evidence.agreement()
+        return None if found is None else found.metrics()[name]
+
+    return compute
+
+
+def _curve_auc(source: str, kind: str) -> Callable[[Evidence], Value]:
+    def compute(evidence: Evidence) -> Value:
+        curves = evidence.curves(source)
+        return None if curves is None else float(getattr(curves, f"{kind}_auc"))
+
+    return compute
+
+
+def _sanity_rho(evidence: Evidence) -> Value:
+    check = evidence.sanity()
+    return None if check is None else check.final_correlation
+
+
+def _sanity_passed(evidence: Evidence) -> Value:
+    check = evidence.sanity()
+    return None if check is None else check.passed
+
+
+# Record columns that are not metrics: who the image is and what the model said.
+RECORD_COLUMNS = (
+    "image",
+    "artifact_stem",
+    "status",
+    "reason",
+    "predicted_class",
+    "predicted_label",
+    "probability",
+    "target_class",
+    "target_label",
+    "cam_mask_fraction",
+    "lime_mask_fraction",
+    "n_superpixels",
+    "cam_reused",
+    "lime_reused",
+    "segmentation_reused",
+)
+
+for _spec in (
+    MetricSpec(
+        "iou",
+        "IoU of the CAM mask and the LIME mask at the threshold",
+        Direction.HIGHER,
+        stats=(Stat.MEAN, Stat.MEDIAN, Stat.STD),
+    ),
+    MetricSpec("cam_seconds", "seconds for the CAM map", Direction.LOWER),
+    MetricSpec("lime_seconds", "seconds for LIME, superpixels included", Direction.LOWER),
+    MetricSpec("segmentation_seconds", "seconds for LIME's superpixels", Direction.LOWER),
+    MetricSpec(
+        "iou_auc",
+        "normalised area under the IoU curve of CAM and LIME top-f masks, f = 1%..50%",
+        Direction.HIGHER,
+        compute=_agreement_value("iou_auc"),
+        requires="agreement",
+    ),
+    MetricSpec(
+        "spearman",
+        "Spearman rank correlation of the CAM map and LIME's per-pixel weight",
+        Direction.HIGHER,
+        compute=_agreement_value("spearman"),
+        requires="agreement",
+    ),
+    MetricSpec(
+        "pointing_game",
+        "1 when the CAM's peak lies inside the LIME mask",
+        Direction.HIGHER,
+        compute=_agreement_value("pointing_game"),
+        requires="agreement",
+    ),
+    MetricSpec(
+        "cam_deletion_auc",
+        "deletion AUC of the CAM map (Petsiuk et al.)",
+        Direction.LOWER,
+        compute=_curve_auc("cam", "deletion"),
+        requires="faithfulness",
+    ),
+    MetricSpec(
+        "cam_insertion_auc",
+        "insertion AUC of the CAM map",
+        Direction.HIGHER,
+        compute=_curve_auc("cam", "insertion"),
+        requires="faithfulness",
+    ),
+    MetricSpec(
+        "lime_deletion_auc",
+        "deletion AUC of LIME's weight map",
+        Direction.LOWER,
+        compute=_curve_auc("lime", "deletion"),
+        requires="faithfulness",
+    ),
+    MetricSpec(
+        "lime_insertion_auc",
+        "insertion AUC of LIME's weight map",
+        Direction.HIGHER,
+        compute=_curve_auc("lime", "insertion"),
+        requires="faithfulness",
+    ),
+    MetricSpec(
+        "randomisation_rho",
+        "Spearman rho of the CAM map with itself after the model's top layers are randomised",
+        Direction.LOWER,
+        compute=_sanity_rho,
+        requires="sanity",
+    ),
+    MetricSpec(
+        "randomisation_passed",
+        "the CAM map changed when the model was randomised (|rho| below the threshold)",
+        Direction.HIGHER,
+        stats=(Stat.RATE,),
+        compute=_sanity_passed,
+        requires="sanity",
+        summary_names={Stat.RATE: "randomisation_pass_rate"},
+    ),
+):
+    register(_spec)
+
+
+def csv_columns() -> tuple[str, ...]:
+    """The results table's columns: the record's, then every registered metric."""
+    return (*RECORD_COLUMNS, *METRICS)
+
+
+# -- the per-image record ----------------------------------------------------------------------
+
+
+@dataclass
+class ImageResult:
+    """Everything known about one image after the study; `arrays` are for plots only."""
+
+    name: str
+    artifact_stem: str
+    status: Status = Status.OK
+    reason: str = ""
+    predicted_class: int = -1
+    predicted_label: str = ""
+    probability: float = math.nan
+    target_class: int = -1
+    target_label: str = ""
+    cam_mask_fraction: float = math.nan
+    lime_mask_fraction: float = math.nan
+    n_superpixels: int = 0
+    cam_reused: bool = False
+    lime_reused: bool = False
+    segmentation_reused: bool = False
+    values: dict[str, Value] = field(default_factory=dict)  # registered metrics by name
+    arrays: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def iou(self) -> float | None:
+        """IoU of the two masks at the threshold (None when flagged or failed)."""
+        value = self.values.get("iou")
+        return None if value is None else float(value)
+
+    def row(self) -> dict[str, Any]:
+        """One results-table row (the CSV and MLflow table columns)."""
+        record = {name: getattr(self, name) for name in RECORD_COLUMNS if name != "image"}
+        record["status"] = str(self.status)
+        return {"image": self.name, **record, **{n: self.values.get(n) for n in METRICS}}
+
+
+# -- run-level summary -------------------------------------------------------------------------
+
+
+def summary_metrics(results: list[ImageResult]) -> dict[str, float]:
+    """Run-level metrics: image counts by status and each registered metric's statistics.
+
+    Metrics the pipeline always sets (IoU, timings) are always present (NaN when no image has
+    them); computed metrics appear only when at least one image has a value.
+    """
+    summary: dict[str, float] = {
+        "n_images": len(results),
+        "n_compared": sum(r.iou is not None for r in results),
+        "n_flagged": sum(r.status == Status.FLAGGED for r in results),
+        "n_failed": sum(r.status == Status.ERROR for r in results),
+    }
+    for spec in METRICS.values():
+        values = [r.values.get(spec.name) for r in results]
+        if spec.compute is not None and all(v is None for v in values):
+            continue
+        found = summarize(v if v is None else float(v) for v in values)
+        for stat in spec.stats:
+            summary[spec.run_metric(stat)] = found["mean" if stat == Stat.RATE else stat.value]
+    return summary
