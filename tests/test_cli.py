@@ -94,7 +94,7 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
     ("overrides", "expected"),
     [
         (["threshold.cam_top_fraction=1.5"], "threshold.cam_top_fraction=1.5 must be in (0, 1]"),
-        (["lime.num_samples=0"], "lime.num_samples=0 must be >= 1"),
+        (["lime.num_samples=0"], "lime.num_samples=0 must be in 1..100000"),
         (["model.target_layer=layer5.-1"], "did you mean"),
         (["method.target_class=5000"], "method.target_class=5000 is out of range"),
         (["data=folder", "data.dir=/nonexistent/xai"], "/nonexistent/xai"),

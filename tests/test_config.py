@@ -88,7 +88,7 @@ def test_threshold_presets():
     [
         ("threshold.cam_top_fraction=0", "must be in \\(0, 1\\]"),
         ("threshold.cam_top_fraction=1.5", "must be in \\(0, 1\\]"),
-        ("lime.num_samples=0", "lime.num_samples=0 must be >= 1"),
+        ("lime.num_samples=0", "lime.num_samples=0 must be in 1..100000"),
         ("lime.num_features=0", "lime.num_features=0 must be >= 1"),
         ("lime.batch_size=0", "lime.batch_size=0 must be >= 1"),
         ("method.batch_size=-1", "method.batch_size=-1 must be >= 1"),

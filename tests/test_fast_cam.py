@@ -76,8 +76,10 @@ def test_ablation_matches_grad_cam_timm_efficientnet(layer):
 
     torch.manual_seed(0)
     net = _randomise_batchnorm(timm.create_model("tf_efficientnet_lite0", pretrained=False), 0)
-    classifier = wrap(net, layer, size=32)
-    x = image(3, size=32)
+    classifier = wrap(
+        net, layer, size=64
+    )  # a 2 x 2 feature map: a 1 x 1 map is refused (constant CAM)
+    x = image(3, size=64)
     assert fast_cam.supports(classifier, "ablationcam")
     reference = cam.reference_cam(classifier, x, "ablationcam", 5, batch_size=256)
     assert_same(reference, cam.compute_cam(classifier, x, "ablationcam", 5, 256, "fast"))

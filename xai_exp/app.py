@@ -18,13 +18,15 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from xai_exp import signals
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.data import DataError
-from xai_exp.job import JobContext, execute
+from xai_exp.job import JobContext, NothingComparedError, execute
 from xai_exp.models import ModelLoadError
+from xai_exp.sweep import close_open_sweeps, record_failed_job
 from xai_exp.tracking import TrackingError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackingError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackingError, NothingComparedError)
 
 
 def config_dir() -> Path:
@@ -92,6 +94,7 @@ def run_job(cfg: DictConfig) -> float:
     except USER_ERRORS as error:
         message = f"xai-exp: {error}"
         if context.multirun:
+            record_failed_job(context.sweep_dir, context.override_dirname, str(error))
             raise JobError(message) from None
         print(message, file=sys.stderr)
         sys.exit(2)
@@ -108,9 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     register_configs()
+    signals.install()
     try:
         hydra_main()
-    except KeyboardInterrupt:
-        print("xai-exp: interrupted; the run is marked KILLED", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        close_open_sweeps(interrupted=True)
+        print(f"xai-exp: interrupted ({error or 'SIGINT'})", file=sys.stderr)
+        return signals.exit_code(error)
+    finally:
+        close_open_sweeps(interrupted=False)  # a failed job: Hydra skips on_multirun_end
     return 0

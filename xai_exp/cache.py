@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from xai_exp.errors import describe
 from xai_exp.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,12 @@ class CacheEntry:
 
 
 class ExplanationCache:
-    """Stores explanations by key; damaged entries are discarded, writes are atomic."""
+    """Stores explanations by key; damaged entries are discarded, writes are atomic.
+
+    The cache only ever saves time: an entry it cannot read is a miss, and a write that fails
+    (a full disk, a read-only or misplaced folder) is one warning, after which the cache is
+    read-only for the rest of the run and every result is still used.
+    """
 
     def __init__(self, directory: str | Path | None = None, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -59,47 +66,76 @@ class ExplanationCache:
         self.hits = 0
         self.misses = 0
         self.discarded = 0
+        self.failed_writes = 0
+        self._warned: set[str] = set()
 
     def _path(self, kind: str, key: str) -> Path:
         return self.directory / kind / key[:2] / f"{key}.npz"
 
+    def _warn_once(self, topic: str, message: str, *args: object) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            log.warning(message, *args)
+
     def load(self, kind: str, key: str) -> CacheEntry | None:
-        """The entry stored under `key`, or None when absent, disabled or damaged."""
+        """The entry stored under `key`, or None when absent, disabled, unreadable or damaged."""
         if not self.enabled:
             return None
         path = self._path(kind, key)
-        if not path.is_file():
-            self.misses += 1
-            return None
         try:
+            if not path.is_file():
+                self.misses += 1
+                return None
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
+        except PermissionError as error:
+            self._warn_once("read", "cannot read cache entries in %s (%s)", self.directory, error)
+            self.misses += 1
+            return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+            self.discard(kind, key, describe(error))
+            return None
+        try:
             meta_text = arrays.pop(_META).tobytes().decode()
             stored = arrays.pop(_CHECKSUM).tobytes().decode()
             if stored != _checksum(arrays, meta_text):
                 raise ValueError("checksum mismatch")
             entry = CacheEntry(arrays=arrays, meta=json.loads(meta_text))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-            log.warning("discarding damaged cache entry %s (%s); recomputing", path.name, error)
-            path.unlink(missing_ok=True)
-            self.discarded += 1
-            self.misses += 1
+        except (ValueError, KeyError, UnicodeDecodeError) as error:
+            self.discard(kind, key, describe(error))
             return None
         self.hits += 1
         return entry
 
+    def discard(self, kind: str, key: str, reason: str) -> None:
+        """Drop an entry that cannot be used (it is recomputed and stored again)."""
+        path = self._path(kind, key)
+        log.warning("discarding cache entry %s (%s); recomputing", path.name, reason)
+        with contextlib.suppress(OSError):  # a read-only cache: the entry just stays unused
+            path.unlink(missing_ok=True)
+        self.discarded += 1
+        self.misses += 1
+
     def store(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        """Write an entry atomically (temp file in the same folder, then rename)."""
+        """Write an entry atomically; a failure is a warning, never an error."""
         if not self.enabled:
             return
-        path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta_text = json.dumps(meta, sort_keys=True)
         payload = {
             **arrays,
             _META: np.frombuffer(meta_text.encode(), dtype=np.uint8),
             _CHECKSUM: np.frombuffer(_checksum(arrays, meta_text).encode(), dtype=np.uint8),
         }
-        with atomic_path(path, suffix=".npz") as temp:
-            save: Any = np.savez  # numpy's stub reads the arrays as its keyword arguments
-            save(temp, **payload)
+        try:
+            with atomic_path(self._path(kind, key), suffix=".npz") as temp:
+                save: Any = np.savez  # numpy's stub reads the arrays as its keyword arguments
+                save(temp, **payload)
+        except OSError as error:
+            self.failed_writes += 1
+            self._warn_once(
+                "write",
+                "cannot write to the explanation cache %s (%s): results are used but not "
+                "cached; set cache.dir=PATH to a writable folder, or cache=off",
+                self.directory,
+                describe(error),
+            )

@@ -5,10 +5,11 @@ runs (tag ``role=sweep``) are skipped; every other run is grouped by its setting
 
     method x threshold.cam_top_fraction x threshold.lime_mode x lime.num_samples
 
-so reruns of the same settings pool their images. Per-image IoUs come from each run's
-``results.csv`` artifact, or, when a run has none (killed before logging it), from its
-``image_iou`` metric history. ``std_iou`` is the population standard deviation (ddof=0) of
-the pooled per-image IoUs, as in each run's own ``std_iou`` metric.
+so reruns of the same settings pool their images. Only FINISHED runs are pooled: failed,
+killed, lost (``process lost``) and still-running runs are counted in ``unfinished_runs`` and
+left out of the means. Per-image values come from each run's ``results.csv`` artifact, or,
+when a run has none, from its ``image_*`` metric histories. ``std_iou`` is the population
+standard deviation (ddof=0) of the pooled per-image IoUs, as in each run's own ``std_iou``.
 
 Outputs, written to one folder: ``comparison.csv``, ``iou_vs_threshold.png`` and a
 self-contained ``report.html``; with a parent run they are also logged to it under
@@ -18,6 +19,7 @@ self-contained ``report.html``; with a parent run they are also logged to it und
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import os
 import tempfile
@@ -33,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from xai_exp import plots
 from xai_exp.data import SUPPORTED_EXTENSIONS, safe_artifact_stem
+from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
 from xai_exp.report import GalleryItem, gallery_rows, render_html, settings_text
 from xai_exp.results import METRICS, MetricSpec, Stat, Status
@@ -40,6 +43,7 @@ from xai_exp.tracking import (
     PARENT_TAG,
     RunLogger,
     is_sweep_parent,
+    mark_lost_runs,
     open_store,
     quiet_downloads,
     redact_uri,
@@ -47,6 +51,8 @@ from xai_exp.tracking import (
     resolve_run,
     search_all_runs,
 )
+
+log = logging.getLogger(__name__)
 
 SETTINGS = ("method", "cam_top_fraction", "lime_mode", "lime_samples")
 IOU_COLUMNS = ("mean_iou", "std_iou", "min_iou", "max_iou")
@@ -159,7 +165,7 @@ def _images_from_csv(path: Path) -> pd.DataFrame:
         {
             "image": _column(frame, "image", "").astype(str),
             "artifact_stem": _column(frame, "artifact_stem", "").astype(str),
-            "status": _column(frame, "status", Status.OK.value).astype(str).replace("", "ok"),
+            "status": _column(frame, "status", "").astype(str).replace("", Status.OK.value),
             "source": "results.csv",
             **{name: _numeric(_column(frame, name, "")) for name in METRICS},
         }
@@ -251,11 +257,12 @@ def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
     run_frame["lime_samples"] = run_frame["lime_samples"].astype("Int64")
     rows = []
     for key, group in run_frame.groupby(list(SETTINGS), dropna=False, sort=False):
-        part = images[images["run_id"].isin(set(group["run_id"]))]
+        finished = group[group["run_status"] == "FINISHED"]  # the others are listed, not pooled
+        part = images[images["run_id"].isin(set(finished["run_id"]))]
         iou = part["iou"].dropna()
         row = dict(zip(SETTINGS, key, strict=True))
         row.update(
-            runs=int(group["run_id"].nunique()),
+            runs=int(finished["run_id"].nunique()),
             unfinished_runs=int((group["run_status"] != "FINISHED").sum()),
             images=len(part),
             compared=len(iou),
@@ -353,6 +360,7 @@ def write_outputs(
     comparison.table.to_csv(csv_path, index=False)
     plot_path = plots.save_figure(plots.iou_vs_threshold(comparison.table), out_dir / PLOT_NAME)
     overlays = _Overlays(client, workdir)
+    finished_rows = comparison.images["run_status"] == "FINISHED"
     gallery = [
         GalleryItem(
             kind=kind,
@@ -363,7 +371,7 @@ def write_outputs(
             settings=settings_text(row),
             png=overlays.png(row),
         )
-        for kind, row in gallery_rows(comparison.images)
+        for kind, row in gallery_rows(comparison.images[finished_rows])
     ]
     html_path = atomic_write_text(
         out_dir / HTML_NAME,
@@ -423,6 +431,10 @@ def compare(
     else:
         experiment_ids = [resolve_experiment(client, tracking_uri, experiment)]
         scope = f"experiment {experiment!r}"
+    try:
+        mark_lost_runs(client, experiment_ids)
+    except MlflowException as error:  # a read-only store: compare still reads it
+        log.warning("could not mark lost runs: %s", describe(error))
     runs = study_runs(client, experiment_ids, parent.info.run_id if parent else None)
     if not runs:
         raise CompareError(f"no study runs to compare in {scope} at {redact_uri(tracking_uri)}")

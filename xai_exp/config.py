@@ -130,6 +130,9 @@ LIME_MODES = ("top_k", "area_matched")
 SEGMENTATIONS = ("quickshift", "slic", "felzenszwalb")
 DATA_SOURCES = ("bundled", "folder")
 BASELINES = ("black", "mean", "blur")
+MAX_SEED = 2**32 - 1  # numpy's RandomState, which seeds lime's perturbations
+MAX_INPUT_SIZE = 2048
+MAX_LIME_SAMPLES = 100_000  # lime holds every sample's superpixel mask in memory at once
 
 
 def _check(ok: bool, message: str) -> None:
@@ -149,7 +152,16 @@ def validate(cfg: StudyConfig) -> None:
         f"threshold.cam_top_fraction={fraction} must be in (0, 1], e.g. 0.1 for the top 10%",
     )
     _check_choice(cfg.threshold.lime_mode, LIME_MODES, "threshold.lime_mode")
-    _check(cfg.lime.num_samples >= 1, f"lime.num_samples={cfg.lime.num_samples} must be >= 1")
+    samples = cfg.lime.num_samples
+    _check(
+        1 <= samples <= MAX_LIME_SAMPLES,
+        f"lime.num_samples={samples} must be in 1..{MAX_LIME_SAMPLES} (lime keeps every "
+        "sample in memory; 1000 is lime's default)",
+    )
+    _check(
+        0 <= cfg.lime.seed <= MAX_SEED,
+        f"lime.seed={cfg.lime.seed} must be in 0..{MAX_SEED} (numpy's RandomState seeds)",
+    )
     _check(cfg.lime.num_features >= 1, f"lime.num_features={cfg.lime.num_features} must be >= 1")
     _check(cfg.lime.batch_size >= 1, f"lime.batch_size={cfg.lime.batch_size} must be >= 1")
     _check(cfg.method.batch_size >= 1, f"method.batch_size={cfg.method.batch_size} must be >= 1")
@@ -166,7 +178,10 @@ def validate(cfg: StudyConfig) -> None:
     _check(
         cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit={cfg.data.limit} must be >= 1"
     )
-    _check(cfg.model.input_size >= 8, f"model.input_size={cfg.model.input_size} must be >= 8")
+    _check(
+        8 <= cfg.model.input_size <= MAX_INPUT_SIZE,
+        f"model.input_size={cfg.model.input_size} must be in 8..{MAX_INPUT_SIZE} pixels",
+    )
     _check(cfg.metrics.steps >= 1, f"metrics.steps={cfg.metrics.steps} must be >= 1")
     _check(cfg.metrics.batch_size >= 1, f"metrics.batch_size={cfg.metrics.batch_size} must be >= 1")
     _check_choice(cfg.metrics.baseline, BASELINES, "metrics.baseline")

@@ -327,6 +327,17 @@ def _summarise_skipped(skipped: list[SkippedFile], shown: int = 3) -> str:
     return _one_line("; ".join(parts))
 
 
+def check_folder(directory: str | Path) -> Path:
+    """The folder (``~`` expanded), or a DataError when it is missing or not a folder."""
+    folder = Path(directory).expanduser()
+    hint = "(set data.dir=PATH to a folder of images)"
+    if not folder.exists():
+        raise DataError(f"data folder not found: {folder} {hint}")
+    if not folder.is_dir():
+        raise DataError(f"data folder is not a directory: {folder} {hint}")
+    return folder
+
+
 def folder_images(
     directory: str | Path, limit: int | None = None
 ) -> tuple[list[ImageItem], list[SkippedFile]]:
@@ -338,12 +349,7 @@ def folder_images(
     Raises :class:`DataError` if the folder is missing or yields no valid image.
     """
     _check_limit(limit)
-    folder = Path(directory)
-    hint = "(set data.dir=PATH to a folder of images)"
-    if not folder.exists():
-        raise DataError(f"data folder not found: {folder} {hint}")
-    if not folder.is_dir():
-        raise DataError(f"data folder is not a directory: {folder} {hint}")
+    folder = check_folder(directory)
     try:
         entries = list(os.scandir(folder))
     except OSError as exc:

@@ -6,25 +6,40 @@ facts into a `JobContext`; everything here works without Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import getpass
 import logging
+import math
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import StudyConfig, validate
-from xai_exp.data import ImageItem, SkippedFile, bundled_images, folder_images
+from xai_exp.data import ImageItem, SkippedFile, bundled_images, check_folder, folder_images
 from xai_exp.errors import describe
 from xai_exp.explainers.cam import check_method
+from xai_exp.explainers.lime import check_segmentation
 from xai_exp.files import atomic_write_text
 from xai_exp.models import Classifier, load_classifier, resolve_device
 from xai_exp.outputs import ResultsWriter, explanation_params, write_run_files
 from xai_exp.pipeline import Study, library_versions, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
+from xai_exp.signals import shielded
 from xai_exp.sweep import read_parent_marker
-from xai_exp.tracking import RunLogger, connect, flatten, redact_uri, terminal_status
+from xai_exp.tracking import (
+    RunLogger,
+    connect,
+    flatten,
+    mark_lost_runs,
+    redact_uri,
+    terminal_status,
+)
 
 log = logging.getLogger("xai_exp")
 
@@ -97,7 +112,11 @@ def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:
     }
     commit = git_commit()
     if commit:
-        tags["git_commit"] = commit
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+    tags["mlflow.source.name"] = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "xai-exp"
+    tags["mlflow.source.type"] = "LOCAL"
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags["mlflow.user"] = getpass.getuser()
     if context.multirun:
         tags["sweep_dir"] = str(context.sweep_dir)
         tags["job_num"] = str(context.job_num)
@@ -125,9 +144,12 @@ def logged_config(cfg: StudyConfig) -> StudyConfig:
 # --------------------------------------------------------------------------- MLflow run
 
 
-def start_run(cfg: StudyConfig, context: JobContext, out_dir: Path) -> RunLogger:
+def start_run(
+    store: tuple[MlflowClient, str], cfg: StudyConfig, context: JobContext, out_dir: Path
+) -> RunLogger:
     """Create the MLflow run (a child when in a sweep) and log the resolved config."""
-    client, experiment_id = connect(cfg.tracking.uri, cfg.tracking.experiment)
+    client, experiment_id = store
+    mark_lost_runs(client, [experiment_id])
     marker = read_parent_marker(context.sweep_dir) if context.multirun else None
     run = RunLogger.start(
         client,
@@ -167,6 +189,21 @@ def image_logger(run: RunLogger):
     return log_image
 
 
+def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) -> str:
+    """The run's description in the MLflow UI (Markdown): setting, result, where to look."""
+    mean = summary.get("mean_iou", math.nan)
+    shown = "n/a" if math.isnan(mean) else f"{mean:.3f}"
+    return (
+        f"**{cfg.method.name} vs LIME-{cfg.lime.num_samples}** on `{cfg.model.arch}` "
+        f"(target layer `{cfg.model.target_layer}`), CAM top {cfg.threshold.cam_top_fraction:g}, "
+        f"LIME mask {cfg.threshold.lime_mode}.\n\n"
+        f"Mean IoU **{shown}** over {int(summary.get('n_compared', 0))} of "
+        f"{int(summary.get('n_images', 0))} images "
+        f"({int(summary.get('n_flagged', 0))} flagged, {int(summary.get('n_failed', 0))} failed)."
+        "\n\nArtifacts: " + ", ".join(f"`{path.name}`" for path in files) + ", `overlays/`."
+    )
+
+
 def log_results(
     run: RunLogger, method: str, summary: dict[str, float], files: list[Path], results
 ) -> None:
@@ -200,29 +237,74 @@ def log_partial(run: RunLogger, writer: ResultsWriter | None, error: BaseExcepti
         log.warning("could not log partial results: %s", describe(upload_error))
 
 
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
+    base = redact_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
+    return f"{base or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def where_to_look(cfg: StudyConfig, out_dir: Path, run: RunLogger | None) -> str:
+    """The block printed at the end of a run: output folder, MLflow run, how to open it."""
+    lines = [f"  output folder  {out_dir}"]
+    if run is not None:
+        found = run.client.get_run(run.run_id)
+        lines.append(
+            f"  MLflow run     {found.info.run_name} ({run.run_id}) "
+            f"in experiment {cfg.tracking.experiment!r}"
+        )
+        if not cfg.tracking.uri.startswith(("http://", "https://")):
+            lines.append(f"  browse with    mlflow ui --backend-store-uri {cfg.tracking.uri}")
+        lines.append(
+            f"  open           {run_url(cfg.tracking.uri, found.info.experiment_id, run.run_id)}"
+        )
+    return "xai-exp: run finished\n" + "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the job
+
+
+class NothingComparedError(RuntimeError):
+    """No image of the run could be compared: its mean IoU would be meaningless."""
+
+
+def check_config(cfg: StudyConfig) -> Classifier:
+    """Everything that would fail every image, before any run exists; returns the model.
+
+    Values and ranges, plugins, the method, superpixel parameters, the device, the data
+    folder, and the model itself: it is loaded and its target layer checked by a dry forward
+    pass.
+    """
+    validate(cfg)
+    load_plugins(cfg.metrics.plugins)
+    check_method(cfg.method.name)
+    check_segmentation(cfg.lime.segmentation.algorithm, cfg.lime.segmentation.params)
+    resolve_device(cfg.device)
+    if cfg.data.source == "folder" and cfg.data.dir is not None:
+        check_folder(cfg.data.dir)
+    return load_classifier(cfg.model, cfg.device)
 
 
 def execute(cfg: StudyConfig, context: JobContext) -> float:
     """Run one study and log it; returns the mean IoU.
 
-    Config values are checked before anything else; once the tracking store answers, the run
-    exists, so any later failure (a missing folder, a model that does not load) is recorded in
-    it as FAILED with the reason, and the images finished so far are kept.
+    The config and the model are checked before anything else (`check_config`): a config
+    error leaves no run behind. Once the tracking store answers, the run exists, so any later
+    failure is recorded in it as FAILED (KILLED on an interrupt) with the reason, and the
+    images finished so far are kept. A run in which no image could be compared is FAILED.
     """
     validate(cfg)
-    load_plugins(cfg.metrics.plugins)
-    check_method(cfg.method.name)
-    resolve_device(cfg.device)
+    tracking = cfg.tracking
+    store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
+    classifier = check_config(cfg)
+    cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
+    study = Study(cfg, classifier, cache)
     out_dir = Path(context.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = start_run(cfg, context, out_dir) if cfg.tracking.enabled else None
+    run = start_run(store, cfg, context, out_dir) if store is not None else None
     writer: ResultsWriter | None = None
     error: BaseException | None = None
     try:
         items, skipped = load_images(cfg)
-        classifier = load_classifier(cfg.model, cfg.device)
-        study = Study(cfg, classifier, ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled))
         if run is not None:
             run.set_tags(model_tags(classifier))
         hook = image_logger(run) if run is not None else None
@@ -238,6 +320,12 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         files = write_run_files(writer, params, summary, skipped)
         if run is not None:
             log_results(run, cfg.method.name, summary, files, results)
+            run.set_tags({"mlflow.note.content": run_note(cfg, summary, files)})
+        if results and summary["n_compared"] == 0:
+            raise NothingComparedError(
+                f"no image could be compared ({summary['n_flagged']} flagged, "
+                f"{summary['n_failed']} failed); the reasons are in {writer.csv_path}"
+            )
         log.info(
             "%s vs LIME on %d images: mean IoU %.3f, median %.3f (%d computed, %d reused)",
             cfg.method.name,
@@ -247,12 +335,17 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             study.computed,
             study.reused,
         )
+        print(where_to_look(cfg, out_dir, run), flush=True)
         return summary["mean_iou"]
     except BaseException as caught:
         error = caught
         raise
     finally:
         if run is not None:
+            with shielded():  # a second Ctrl-C or SIGTERM cannot leave the run RUNNING
+                if error is not None:
+                    log_partial(run, writer, error)
+                status = terminal_status(error)
+                run.finish(status)
             if error is not None:
-                log_partial(run, writer, error)
-            run.finish(terminal_status(error))
+                log.warning("MLflow run %s marked %s (%s)", run.run_id, status, describe(error))

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
+from xai_exp.errors import describe, first_line
 
 BUNDLED_ARCH = "efficientnet_lite0"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -118,6 +119,38 @@ def resolve_layer(net: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def check_feature_map(net: nn.Module, layer: nn.Module, name: str, input_size: int) -> None:
+    """A dry forward pass: the target layer must output a B x C x H x W feature map."""
+    found: list[object] = []
+    handle = layer.register_forward_hook(lambda _m, _i, output: found.append(output))
+    try:
+        with torch.inference_mode():
+            net(torch.zeros(1, 3, input_size, input_size, device=_device_of(net)))
+    except Exception as error:  # noqa: BLE001 - any failure here is the config's
+        raise ConfigError(
+            f"model.input_size={input_size}: the model cannot run on it ({describe(error)})"
+        ) from None
+    finally:
+        handle.remove()
+    output = found[-1] if found else None
+    hint = "CAMs need a convolutional layer (e.g. layer4.-1 for ResNets, bn2 for the default)"
+    if not isinstance(output, torch.Tensor) or output.dim() != 4:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ConfigError(
+            f"model.target_layer={name!r} outputs {shape}, not a B x C x H x W feature map; {hint}"
+        )
+    if output.shape[-2] * output.shape[-1] < 2:
+        raise ConfigError(
+            f"model.target_layer={name!r} outputs {tuple(output.shape)}: a 1 x 1 map gives a "
+            f"constant CAM at model.input_size={input_size}; {hint}"
+        )
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    parameter = next(net.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def weights_identity(arch: str, net: nn.Module) -> str:
     """Content identity of a network: architecture plus a hash of every parameter and buffer."""
     digest = hashlib.sha256(arch.encode())
@@ -194,16 +227,15 @@ def _load_checkpoint(net: nn.Module, path: str) -> None:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ModelLoadError(
-            f"model.checkpoint={path}: not a loadable state dict ({error}".splitlines()[0] + ")"
+            f"model.checkpoint={path}: not a loadable state dict ({first_line(error, 300)})"
         ) from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
         raise ModelLoadError(
-            f"model.checkpoint={path} does not fit {type(net).__name__}: {first}"
+            f"model.checkpoint={path} does not fit {type(net).__name__}: {first_line(error, 300)}"
         ) from error
 
 
@@ -233,6 +265,7 @@ def prepare_classifier(
     """Wrap any network (a tiny test CNN too) into a Classifier."""
     net.eval()
     layer = resolve_layer(net, target_layer)
+    check_feature_map(net, layer, target_layer, input_size)
     identity = weights_identity(arch, net)
     model = net.to(device).eval()
     for parameter in model.parameters():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -50,6 +50,24 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def _shape_problem(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int | None, ...]]
+) -> str | None:
+    """Why cached arrays do not fit the step (None when they do)."""
+    for name, shape in expected.items():
+        if name not in arrays:
+            return f"no {name!r} array"
+        found = arrays[name].shape
+        fits = len(found) == len(shape) and all(
+            e is None or e == f for e, f in zip(shape, found, strict=True)
+        )
+        if not fits:
+            return f"{name!r} has shape {found}, expected {shape}"
+        if arrays[name].size == 0:
+            return f"{name!r} is empty"
+    return None
+
+
 @dataclass(frozen=True)
 class Step:
     """One cached step's output: its arrays, the seconds it took, whether it was reused."""
@@ -89,16 +107,22 @@ class Study:
         kind: str,
         key: str,
         compute: Callable[[], dict[str, np.ndarray]],
+        expected: Mapping[str, tuple[int | None, ...]],
         count: bool = True,
     ) -> Step:
         """The step from the cache, or computed now and stored.
 
-        `count` says whether it is an explanation (counted in computed/reused) or a metric.
+        `expected` gives each array's shape (None: any length); a cached entry without them
+        is discarded and recomputed. `count` says whether it is an explanation (counted in
+        computed/reused) or a metric.
         """
         entry = self.cache.load(kind, key)
         if entry is not None:
-            self.reused += count
-            return Step(entry.arrays, float(entry.meta["seconds"]), True, key)
+            problem = _shape_problem(entry.arrays, expected)
+            if problem is None and "seconds" in entry.meta:
+                self.reused += count
+                return Step(entry.arrays, float(entry.meta["seconds"]), True, key)
+            self.cache.discard(kind, key, problem or "no seconds recorded")
         start = time.perf_counter()
         arrays = compute()
         seconds = time.perf_counter() - start
@@ -140,7 +164,10 @@ class Study:
             versions=[self.versions[n] for n in ("torch", "torchvision", "grad-cam")],
         )
         return self._cached(
-            "cam", key, lambda: {"cam": self._cam_map(self.classifier, view, target)}
+            "cam",
+            key,
+            lambda: {"cam": self._cam_map(self.classifier, view, target)},
+            {"cam": view.shape[:2]},
         )
 
     def segments(self, item: ImageItem, view: np.ndarray) -> Step:
@@ -158,6 +185,7 @@ class Study:
             "segments",
             key,
             lambda: {"segments": lime_explainer.segment(view, seg.algorithm, params)},
+            {"segments": view.shape[:2]},
         )
 
     def lime(self, item: ImageItem, view: np.ndarray, segments: Step, target: int) -> Step:
@@ -196,7 +224,8 @@ class Study:
             )
             return {"weights": explanation.weights}
 
-        return self._cached("lime", key, compute)
+        superpixels = int(segments.arrays["segments"].max()) + 1
+        return self._cached("lime", key, compute, {"weights": (superpixels,)})
 
     # -- metrics beyond IoU (cached: a threshold sweep recomputes none of them) -------------
     def faithfulness(
@@ -228,7 +257,9 @@ class Study:
                 "insertion": curves.insertion,
             }
 
-        arrays = self._cached("faithfulness", key, compute, count=False).arrays
+        points = (metrics.steps + 1,)
+        expected = {"fractions": points, "deletion": points, "insertion": points}
+        arrays = self._cached("faithfulness", key, compute, expected, count=False).arrays
         return FaithfulnessCurves(
             fractions=arrays["fractions"],
             deletion=arrays["deletion"],
@@ -255,7 +286,7 @@ class Study:
             )
             return {"rho": np.array([rho for _, rho in result.correlations])}
 
-        rho = self._cached("sanity", key, compute, count=False).arrays["rho"]
+        rho = self._cached("sanity", key, compute, {"rho": (None,)}, count=False).arrays["rho"]
         final = float(rho[-1])
         return RandomisationResult(
             correlations=[("", float(value)) for value in rho],

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
+from xai_exp.signals import shielded
 from xai_exp.tracking import (
     ROLE_TAG,
     RunLogger,
@@ -25,6 +26,7 @@ from xai_exp.tracking import (
 log = logging.getLogger("xai_exp")
 
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: the parent run id and the swept keys
+FAILED_JOBS_FILE = "failed_jobs.jsonl"  # in the sweep dir: jobs that failed before their run
 
 
 def read_parent_marker(sweep_dir: str | Path | None) -> dict[str, Any] | None:
@@ -33,6 +35,23 @@ def read_parent_marker(sweep_dir: str | Path | None) -> dict[str, Any] | None:
         return None
     marker = Path(sweep_dir) / PARENT_FILE
     return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def record_failed_job(sweep_dir: str | Path | None, overrides: str, message: str) -> None:
+    """Note a job that failed before its run existed (a config error), for the parent."""
+    if sweep_dir is None:
+        return
+    line = json.dumps({"overrides": overrides, "error": message}) + "\n"
+    with (Path(sweep_dir) / FAILED_JOBS_FILE).open("a", encoding="utf-8") as file:
+        file.write(line)
+
+
+def failed_jobs(sweep_dir: str | Path | None) -> list[dict[str, str]]:
+    """The jobs `record_failed_job` noted in this sweep."""
+    path = Path(sweep_dir) / FAILED_JOBS_FILE if sweep_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -45,11 +64,24 @@ def swept_keys(config: DictConfig) -> list[str]:
     return sorted(set(keys) | set(params))
 
 
+_OPEN: list[MlflowSweepCallback] = []  # sweeps whose parent run is still open
+
+
+def close_open_sweeps(interrupted: bool) -> None:
+    """Close every sweep parent still open (the application calls this whatever ends a sweep).
+
+    Hydra skips `on_multirun_end` after a failed job or an interrupt; closing here, while the
+    interpreter still runs, lets MLflow upload the comparison (an exit hook could not).
+    """
+    while _OPEN:
+        _OPEN.pop()._close(interrupted=interrupted)
+
+
 class MlflowSweepCallback(Callback):
     """Opens a parent run when a sweep starts; closes it (with the comparison) at the end.
 
-    The parent is closed even when a job fails or the sweep is interrupted: Hydra skips
-    `on_multirun_end` after a failed job, so an exit hook closes it then.
+    The parent is closed even when a job fails or the sweep is interrupted: the application
+    calls `close_open_sweeps` then, and an exit hook is the last resort.
     """
 
     def __init__(self) -> None:
@@ -90,6 +122,7 @@ class MlflowSweepCallback(Callback):
                 }
             ),
         )
+        _OPEN.append(self)
         atexit.register(self._close, interrupted=True)
         log.info("sweep parent run %s", self.parent.run_id)
 
@@ -101,6 +134,10 @@ class MlflowSweepCallback(Callback):
         parent, self.parent = self.parent, None
         if parent is None:
             return
+        with shielded():  # a second interrupt cannot leave the parent RUNNING
+            self._finish(parent, interrupted)
+
+    def _finish(self, parent: RunLogger, interrupted: bool) -> None:
         children = child_runs(parent.client, parent.client.get_run(parent.run_id))
         failed = [c for c in children if c.info.status == "FAILED"]
         try:
@@ -109,8 +146,18 @@ class MlflowSweepCallback(Callback):
             log_comparison_to_parent(parent, children, self.sweep_dir)
         except Exception as error:  # noqa: BLE001 - closing the parent matters more
             log.warning("could not log the sweep comparison: %s", describe(error))
-        parent.set_tags({"n_children": len(children), "n_failed_children": len(failed)})
-        if failed:
-            parent.finish("FAILED")
-        else:
-            parent.finish("KILLED" if interrupted else "FINISHED")
+        refused = failed_jobs(self.sweep_dir)
+        tags: dict[str, Any] = {"n_children": len(children), "n_failed_children": len(failed)}
+        if refused:
+            tags["failed_jobs"] = "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
+        parent.set_tags(tags)
+        status = "FAILED" if failed or refused else "KILLED" if interrupted else "FINISHED"
+        parent.finish(status)
+        report = self.sweep_dir / "comparison" / "report.html" if self.sweep_dir else None
+        print(
+            f"xai-exp: sweep {status.lower()}: {len(children)} runs under parent run "
+            f"{parent.run_id}"
+            + (f"\n  report         {report}" if report is not None and report.is_file() else "")
+            + (f"\n  sweep folder   {self.sweep_dir}" if self.sweep_dir else ""),
+            flush=True,
+        )

@@ -10,11 +10,17 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, as before
+    fcntl = None  # type: ignore[assignment]
 
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -64,9 +70,9 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def unreachable(uri: str, error: BaseException, hint: str) -> TrackingError:
     """The one-line error for a store that does not answer (password masked)."""
+    state = "is unreachable" if uri.startswith(("http://", "https://")) else "cannot be used"
     return TrackingError(
-        f"tracking store {redact_uri(uri)} is unreachable ({scrub(describe(error, 160), uri)}); "
-        + hint
+        f"tracking store {redact_uri(uri)} {state} ({scrub(describe(error, 160), uri)}); " + hint
     )
 
 
@@ -92,15 +98,39 @@ def fail_fast_http() -> contextlib.AbstractContextManager[None]:
     )
 
 
+@contextlib.contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite store (MLflow creates and migrates it then).
+
+    Two runs started at the same moment in a fresh folder would both migrate the new file; an
+    exclusive lock on its folder lets the second wait until the first has created it.
+    """
+    path = _sqlite_path(uri)
+    if path is None or path.exists() or fcntl is None:
+        yield
+        return
+    folder = path.resolve().parent
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # no such folder: MLflow's own error says so
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """Client and experiment id (created when missing); one line when the store is unreachable.
+    """Client and experiment id (created when missing); one line when the store is unusable.
 
     Creating the experiment here, once, before any job starts avoids parallel jobs racing to
     create it in the same store.
     """
-    client = MlflowClient(tracking_uri=uri)
     try:
-        with fail_fast_http():
+        with fail_fast_http(), store_creation_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
             found = client.get_experiment_by_name(experiment)
             if found is not None:
                 return client, found.experiment_id
@@ -127,7 +157,11 @@ def open_store(uri: str) -> MlflowClient:
             f"tracking store {redact_uri(uri)} not found: there is no file {path} "
             "(run a study first, or pass --tracking-uri)"
         )
-    return MlflowClient(tracking_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as error:  # an unsupported scheme, a malformed URI
+        hint = "pass --tracking-uri sqlite:///FILE or http://HOST:PORT"
+        raise unreachable(uri, error, hint) from error
 
 
 def resolve_experiment(client: MlflowClient, uri: str, name: str) -> str:
@@ -197,6 +231,59 @@ def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     )
 
 
+def _process_start(pid: int) -> str | None:
+    """Start time of a process in clock ticks since boot (Linux), None when it does not exist."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs this process: host, pid and start time, so a lost process can be told."""
+    return {
+        "process.host": socket.gethostname(),
+        "process.pid": str(os.getpid()),
+        "process.start": _process_start(os.getpid()) or "",
+    }
+
+
+def process_gone(tags: Mapping[str, str]) -> bool:
+    """True when the process named by `process_tags` ran on this host and no longer runs."""
+    host, pid = tags.get("process.host"), tags.get("process.pid", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine (or an older run): nothing can be said from here
+    if Path("/proc/self/stat").exists():
+        current = _process_start(int(pid))
+        return current is None or current != tags.get("process.start", current)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[str]:
+    """Mark RUNNING runs whose process is gone (kill -9, the OOM killer) as FAILED."""
+    lost = []
+    for run in search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if not process_gone(tags):
+            continue
+        reason = (
+            f"process lost: pid {tags['process.pid']} on {tags['process.host']} ended "
+            "without closing the run (killed, or out of memory)"
+        )
+        client.set_tag(run.info.run_id, "error", reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("run %s (%s) marked FAILED: %s", run.info.run_id, run.info.run_name, reason)
+        lost.append(run.info.run_id)
+    return lost
+
+
 def quiet_downloads() -> contextlib.AbstractContextManager[None]:
     """No per-file download progress bars on stderr."""
     return temporary_env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
@@ -235,7 +322,7 @@ class RunLogger:
         parent_run_id: str | None = None,
     ) -> RunLogger:
         """Create a run (a child of `parent_run_id` when given)."""
-        all_tags = {key: str(value) for key, value in tags.items()}
+        all_tags = {**process_tags(), **{key: str(value) for key, value in tags.items()}}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)

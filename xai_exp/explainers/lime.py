@@ -21,6 +21,7 @@ from lime.wrappers.scikit_image import SegmentationAlgorithm
 from sklearn.utils import check_random_state
 
 from xai_exp import inference
+from xai_exp.config import ConfigError
 from xai_exp.models import Classifier
 
 KERNEL_WIDTH = 0.25  # lime_image's default
@@ -34,6 +35,22 @@ class LimeExplanation:
     weights: np.ndarray  # n float, surrogate weight per superpixel id
     intercept: float
     score: float
+
+
+def check_segmentation(algorithm: str, params: dict[str, Any]) -> None:
+    """ConfigError for a parameter the scikit-image algorithm does not take, or not a number."""
+    import inspect
+
+    import skimage.segmentation
+
+    accepted = inspect.signature(getattr(skimage.segmentation, algorithm)).parameters
+    for name, value in params.items():
+        key = f"lime.segmentation.params.{name}"
+        if name not in accepted or name == "image":
+            options = ", ".join(p for p in accepted if p != "image")
+            raise ConfigError(f"{key}: {algorithm} takes no {name!r} (it takes: {options})")
+        if value is not None and not isinstance(value, int | float | bool):
+            raise ConfigError(f"{key}={value!r} must be a number")
 
 
 def segment(image: np.ndarray, algorithm: str, params: dict[str, Any]) -> np.ndarray:
