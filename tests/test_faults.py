@@ -26,15 +26,16 @@ from conftest import TINY_STUDY, study_command
 from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp import plots
+from xai_exp import cli, plots
+from xai_exp.app import compose_config
 from xai_exp.cache import ExplanationCache
-from xai_exp.config import LimeConfig, StudyConfig, TrackingConfig
-from xai_exp.data import ImageItem
-from xai_exp.job import config_yaml, logged_config
+from xai_exp.config import ConfigError, LimeConfig, StudyConfig, TrackingConfig
+from xai_exp.data import DataError, ImageItem
+from xai_exp.job import JobContext, config_yaml, execute, logged_config
 from xai_exp.outputs import ResultsWriter
 from xai_exp.pipeline import Study, run_study
 from xai_exp.results import ImageResult
-from xai_exp.tracking import RunLogger, flatten, mark_lost_runs, process_tags
+from xai_exp.tracking import RunLogger, TrackingError, flatten, mark_lost_runs, process_tags
 
 # --------------------------------------------------------------------------- helpers
 
@@ -336,13 +337,16 @@ def test_a_run_where_no_image_could_be_compared_fails(tmp_path):
     ],
 )
 def test_configs_that_would_fail_every_image_are_refused_before_any_run(
-    tmp_path, overrides, expected
+    tracking_store, tmp_path, overrides, expected
 ):
-    done = run_study_cli(tmp_path, *overrides)
-    assert done.returncode == 2
-    assert expected in one_line_error(done)
-    assert study_runs(tmp_path) == []  # refused before a run was created
-    assert not (tmp_path / "cache").exists()  # and before any compute
+    store, cache = f"tracking.uri={tracking_store.uri}", f"cache.dir={tmp_path / 'cache'}"
+    cfg = compose_config([*TINY_STUDY, store, cache, *overrides])
+    with pytest.raises((ConfigError, DataError)) as refused:
+        execute(cfg, JobContext(output_dir=tmp_path / "out"))
+    assert expected in str(refused.value)
+    assert "\n" not in str(refused.value)  # one line
+    assert tracking_store.client.search_runs([tracking_store.experiment_id]) == []
+    assert not (tmp_path / "cache").exists()  # refused before any compute
 
 
 # --------------------------------------------------------------------------- 8. tracking URIs
@@ -357,21 +361,25 @@ def test_configs_that_would_fail_every_image_are_refused_before_any_run(
         ("sqlite:///{tmp}/not-a-database.txt/mlflow.db", "cannot be used"),
     ],
 )
-def test_unusable_tracking_uris_are_one_line_in_run_and_compare(tmp_path, uri, expected):
+def test_unusable_tracking_uris_are_one_line_in_run_and_compare(tmp_path, capsys, uri, expected):
     (tmp_path / "not-a-database.txt").write_text("plain text, not sqlite")
     uri = uri.format(tmp=tmp_path)
-    done = run_study_cli(tmp_path, f"tracking.uri={uri}")
+    cfg = compose_config([*TINY_STUDY, f"tracking.uri={uri}"])
+    with pytest.raises(TrackingError) as refused:
+        execute(cfg, JobContext(output_dir=tmp_path / "out"))
+    assert expected in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert cli.main(["compare", "--tracking-uri", uri]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("xai-exp compare: ")
+
+
+@pytest.mark.slow
+def test_an_unusable_tracking_uri_is_one_line_from_the_command(tmp_path):
+    done = run_study_cli(tmp_path, "tracking.uri=foo://bar")
     assert done.returncode == 2
-    assert expected in one_line_error(done)
-    compare = subprocess.run(
-        [sys.executable, "-m", "xai_exp", "compare", "--tracking-uri", uri],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert compare.returncode == 2
-    one_line_error(compare, "xai-exp compare")
+    assert "tracking store foo://bar cannot be used" in one_line_error(done)
 
 
 def test_passwords_in_tracking_uris_are_never_logged():
