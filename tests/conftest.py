@@ -124,6 +124,7 @@ def log_study_run(
     lime_mode: str = "top_k",
     lime_samples: int = 20,
     run_name: str | None = None,
+    params: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     results_csv: bool = True,
     status: str = "FINISHED",
@@ -141,6 +142,7 @@ def log_study_run(
         "threshold.lime_mode": lime_mode,
         "lime.num_samples": str(lime_samples),
         "model.arch": "resnet18",
+        **(params or {}),
     }
     client.log_batch(
         run_id,

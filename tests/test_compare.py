@@ -53,7 +53,7 @@ def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedPro
 # --------------------------------------------------------------------------- grouping
 
 
-def test_reruns_are_pooled_and_statistics_come_from_per_image_ious(tracking_store, make_study_run):
+def test_a_rerun_replaces_and_failed_runs_stay_apart(tracking_store, make_study_run):
     store = tracking_store
     client, exp = store.client, store.experiment_id
     make_study_run(
@@ -70,6 +70,12 @@ def test_reruns_are_pooled_and_statistics_come_from_per_image_ious(tracking_stor
          FakeImage("c", None, status="error")],
         run_name="rerun-2", status="FAILED",
     )  # fmt: skip
+    make_study_run(
+        client, exp,
+        [FakeImage("a", 0.15, cam_seconds=7.0, lime_seconds=8.0),
+         FakeImage("b", 0.25, cam_seconds=9.0, lime_seconds=10.0)],
+        run_name="rerun-3",
+    )  # fmt: skip
     make_study_run(client, exp, [FakeImage("a", 0.4), FakeImage("b", 0.6)], cam_top_fraction=0.2)
     make_study_run(client, exp, [FakeImage("a", 0.9)], method="hirescam")
     make_study_run(client, exp, [FakeImage("a", 0.7)], lime_samples=50)
@@ -81,18 +87,20 @@ def test_reruns_are_pooled_and_statistics_come_from_per_image_ious(tracking_stor
 
     assert len(table) == 5
     computed = {name for spec in METRICS.values() if spec.compute for name in spec.run_metrics}
-    assert list(table.columns) == [c for c in cmp.table_columns() if c not in computed]
+    shown = ["method", "cam_top_fraction", "lime_mode", "lime_samples"]  # the ones that vary
+    assert list(table.columns) == [c for c in cmp.table_columns(shown) if c not in computed]
     pooled = _row(table, method="gradcam", cam_top_fraction=0.1, lime_mode="top_k", lime_samples=20)
-    ious = [0.1, 0.2, 0.3]  # the FAILED rerun is counted apart, not pooled
-    assert pooled["runs"] == 1
+    # a and b from the latest finished rerun, c from the first; the FAILED one stays apart
+    ious = [0.15, 0.25, 0.3]
+    assert pooled["runs"] == 2
     assert pooled["unfinished_runs"] == 1
-    assert pooled["images"] == 3
+    assert pooled["images"] == 3  # not 5: an image explained twice counts once
     assert pooled["compared"] == 3
     assert pooled["mean_iou"] == pytest.approx(np.mean(ious))
     assert pooled["std_iou"] == pytest.approx(np.std(ious, ddof=0))
-    assert (pooled["min_iou"], pooled["max_iou"]) == pytest.approx((0.1, 0.3))
-    assert pooled["mean_cam_seconds"] == pytest.approx(np.mean([1, 3, 5]))
-    assert pooled["mean_lime_seconds"] == pytest.approx(np.mean([2, 4, 6]))
+    assert (pooled["min_iou"], pooled["max_iou"]) == pytest.approx((0.15, 0.3))
+    assert pooled["mean_cam_seconds"] == pytest.approx(np.mean([7, 9, 5]))
+    assert pooled["mean_lime_seconds"] == pytest.approx(np.mean([8, 10, 6]))
     assert (pooled["n_ok"], pooled["n_flagged"], pooled["n_error"]) == (3, 0, 0)
 
     wider = _row(table, method="gradcam", cam_top_fraction=0.2)
@@ -107,8 +115,24 @@ def test_reruns_are_pooled_and_statistics_come_from_per_image_ious(tracking_stor
     written = pd.read_csv(store.root / "out" / "comparison.csv")
     assert len(written) == 5
     assert written["mean_iou"].tolist() == pytest.approx(table["mean_iou"].tolist())
-    assert written["runs"].sum() == 5
+    assert written["runs"].sum() == 6
     assert written["unfinished_runs"].sum() == 1
+
+
+def test_every_setting_that_changes_results_is_its_own_row(tracking_store, make_study_run):
+    store = tracking_store
+    client, exp = store.client, store.experiment_id
+    for algorithm, iou in (("quickshift", 0.2), ("slic", 0.6)):  # as `-m lime=default,slic`
+        params = {"lime.segmentation.algorithm": algorithm, "tracking.uri": f"sqlite:///{iou}.db"}
+        make_study_run(client, exp, [FakeImage("a", iou)], params=params)
+    table = cmp.compare(store.uri, EXPERIMENT, None, store.root / "out").table
+    assert len(table) == 2  # not pooled into one row
+    # only what varies becomes a column (besides method and threshold); tracking never does
+    assert "lime.segmentation.algorithm" in table.columns
+    assert "lime_samples" not in table.columns
+    assert "tracking.uri" not in table.columns
+    by_algorithm = dict(zip(table["lime.segmentation.algorithm"], table["mean_iou"], strict=True))
+    assert by_algorithm == {"quickshift": pytest.approx(0.2), "slic": pytest.approx(0.6)}
 
 
 def test_metric_history_stands_in_for_a_missing_results_csv(tracking_store, make_study_run):
@@ -250,9 +274,9 @@ def test_log_comparison_to_parent_for_the_sweep_callback(
 ):
     store = tracking_store
     parent = RunLogger.start(store.client, store.experiment_id, "sweep y", {"role": "sweep"})
-    for iou in (0.2, 0.4):
+    for name, iou in (("a", 0.2), ("b", 0.4)):
         make_study_run(
-            store.client, store.experiment_id, [FakeImage("a", iou)], parent_run_id=parent.run_id
+            store.client, store.experiment_id, [FakeImage(name, iou)], parent_run_id=parent.run_id
         )
     children = store.client.search_runs(
         [store.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'"

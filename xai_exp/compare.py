@@ -1,15 +1,15 @@
 """Compare the study's MLflow runs: group equal settings, summarise IoU, plot, HTML report.
 
 Runs are read from any MLflow tracking URI (``sqlite:///...`` or ``http://...``). Sweep parent
-runs (tag ``role=sweep``) are skipped; every other run is grouped by its settings
-
-    method x threshold.cam_top_fraction x threshold.lime_mode x lime.num_samples
-
-so reruns of the same settings pool their images. Only FINISHED runs are pooled: failed,
-killed, lost (``process lost``) and still-running runs are counted in ``unfinished_runs`` and
-left out of the means. Per-image values come from each run's ``results.csv`` artifact, or,
-when a run has none, from its ``image_*`` metric histories. ``std_iou`` is the population
-standard deviation (ddof=0) of the pooled per-image IoUs, as in each run's own ``std_iou``.
+runs (tag ``role=sweep``) are skipped; every other run is grouped by every setting that
+changes results (all params but tracking, cache, progress, batch sizes and the metric switches),
+and the table shows method and threshold plus each setting that varies. Only FINISHED runs
+are pooled, and an image explained by several of them counts once, from the latest (a rerun
+replaces, it does not double); failed, killed, lost (``process lost``) and still-running runs
+are counted in ``unfinished_runs`` and left out of the means. Per-image values come from each
+run's ``results.csv`` artifact, or, when a run has none, from its ``image_*`` metric
+histories. ``std_iou`` is the population standard deviation (ddof=0) of the pooled per-image
+IoUs, as in each run's own ``std_iou``.
 
 Outputs, written to one folder: ``comparison.csv``, ``iou_vs_threshold.png`` and a
 self-contained ``report.html``; with a parent run they are also logged to it under
@@ -54,7 +54,28 @@ from xai_exp.tracking import (
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("method", "cam_top_fraction", "lime_mode", "lime_samples")
+# Short names for the settings everybody compares; other params keep their dotted names.
+ALIASES = {
+    "method.name": "method",
+    "threshold.cam_top_fraction": "cam_top_fraction",
+    "threshold.lime_mode": "lime_mode",
+    "lime.num_samples": "lime_samples",
+}
+ALWAYS_SHOWN = ("method", "cam_top_fraction")  # columns even when they do not vary
+# Params that change no result: where runs are logged and cached, how work is batched, which
+# metrics are switched on (they add columns, they do not change values).
+NOT_SETTINGS = (
+    "tracking.",
+    "cache.",
+    "progress",
+    "metrics.plugins",
+    "metrics.agreement",
+    "metrics.faithfulness",
+    "metrics.sanity",
+    "metrics.batch_size",
+    "lime.batch_size",
+    "method.batch_size",
+)
 IOU_COLUMNS = ("mean_iou", "std_iou", "min_iou", "max_iou")
 CSV_NAME = "comparison.csv"
 PLOT_NAME = "iou_vs_threshold.png"
@@ -67,10 +88,10 @@ def _group_stats(spec: MetricSpec) -> list[Stat]:
     return [stat for stat in spec.stats if stat in (Stat.MEAN, Stat.RATE)]
 
 
-def table_columns() -> tuple[str, ...]:
-    """The comparison table's columns, derived from the metric registry."""
+def table_columns(settings: Sequence[str] = ALWAYS_SHOWN) -> tuple[str, ...]:
+    """The comparison table's columns: the settings shown, then the metric registry's."""
     return (
-        *SETTINGS,
+        *settings,
         "runs",
         "unfinished_runs",
         "images",
@@ -102,6 +123,7 @@ class Comparison:
     table: pd.DataFrame
     images: pd.DataFrame
     runs: list[Run]
+    settings: list[str] = field(default_factory=lambda: list(ALWAYS_SHOWN))  # shown columns
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -117,29 +139,69 @@ def study_runs(
 # --------------------------------------------------------------------------- per-run data
 
 
-def _to_float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+def _parse(text: str) -> Any:
+    """A param's value as the config had it: an int, a float, or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
-def _to_int(value: Any) -> Any:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError, OverflowError):
-        return pd.NA
+def _is_setting(key: str) -> bool:
+    return not any(
+        key == ignored or (ignored.endswith(".") and key.startswith(ignored))
+        for ignored in NOT_SETTINGS
+    )
 
 
 def run_settings(run: Run) -> dict[str, Any]:
-    """The grouping settings of a run, from its params (``method`` tag as a fallback)."""
-    params = run.data.params
-    return {
-        "method": params.get("method.name") or run.data.tags.get("method") or "unknown",
-        "cam_top_fraction": _to_float(params.get("threshold.cam_top_fraction")),
-        "lime_mode": params.get("threshold.lime_mode") or "unknown",
-        "lime_samples": _to_int(params.get("lime.num_samples")),
+    """Every setting of a run that changes results, from its params (short names aliased)."""
+    settings = {
+        ALIASES.get(key, key): _parse(value)
+        for key, value in run.data.params.items()
+        if _is_setting(key)
     }
+    settings.setdefault("method", run.data.tags.get("method") or "unknown")
+    settings.setdefault("cam_top_fraction", math.nan)
+    return settings
+
+
+def settings_frame(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per run: id, status, start time and every setting (missing ones NaN)."""
+    return pd.DataFrame(
+        [
+            {
+                "run_id": r.info.run_id,
+                "run_status": r.info.status,
+                "run_start": r.info.start_time,
+                **run_settings(r),
+            }
+            for r in runs
+        ]
+    )
+
+
+def shown_settings(frame: pd.DataFrame) -> list[str]:
+    """The settings to show: method and threshold always, any other only when it varies."""
+    keys = [c for c in frame.columns if c not in ("run_id", "run_status", "run_start")]
+    varying = [k for k in keys if k not in ALWAYS_SHOWN and _distinct(frame[k]) > 1]
+    first = [k for k in ("lime_mode", "lime_samples") if k in varying]
+    return [*ALWAYS_SHOWN, *first, *sorted(k for k in varying if k not in first)]
+
+
+def _distinct(series: pd.Series) -> int:
+    return len({"<missing>" if pd.isna(v) else repr(v) for v in series})
+
+
+def _sort_key(value: Any) -> tuple:
+    """Sorts numbers numerically, then text, missing values last."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return (2, 0, "")
+    if isinstance(value, int | float):
+        return (0, value, "")
+    return (1, 0, str(value))
 
 
 def run_label(run: Run) -> str:
@@ -219,8 +281,6 @@ def run_images(client: MlflowClient, run: Run, workdir: Path) -> pd.DataFrame:
         frame = _images_from_csv(Path(local))
     else:
         frame = _images_from_history(client, run)
-    for key, value in reversed(list(run_settings(run).items())):
-        frame.insert(0, key, value)
     frame.insert(0, "run_status", run.info.status)
     frame.insert(0, "run_name", run_label(run))
     frame.insert(0, "run_id", run_id)
@@ -232,11 +292,10 @@ def collect_images(client: MlflowClient, runs: Sequence[Run], workdir: Path) -> 
     frames = [run_images(client, run, workdir) for run in runs]
     frames = [f for f in frames if not f.empty]
     if not frames:
-        columns = ["run_id", "run_name", "run_status", *SETTINGS, *image_columns()]
+        columns = ["run_id", "run_name", "run_status", *image_columns()]
         return pd.DataFrame(columns=columns)
     images = pd.concat(frames, ignore_index=True)
     images["iou"] = images["iou"].astype(float)
-    images["lime_samples"] = images["lime_samples"].astype("Int64")
     return images
 
 
@@ -249,21 +308,26 @@ def _mean(series: pd.Series) -> float:
 
 
 def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
-    """One row per settings group: run and image counts, IoU statistics, statuses, metrics."""
-    run_frame = pd.DataFrame(
-        [{"run_id": r.info.run_id, "run_status": r.info.status, **run_settings(r)} for r in runs],
-        columns=["run_id", "run_status", *SETTINGS],
-    )
-    run_frame["lime_samples"] = run_frame["lime_samples"].astype("Int64")
+    """One row per distinct setting: run and image counts, IoU statistics, statuses, metrics.
+
+    Runs are grouped by every setting that changes results (`run_settings`); only FINISHED
+    runs are pooled, and an image that several of them explain counts once, from the latest
+    run (a rerun replaces, it does not double). The shown settings are the table's first
+    columns (`shown_settings`).
+    """
+    frame = settings_frame(runs)
+    shown = shown_settings(frame)
+    keys = [c for c in frame.columns if c not in ("run_id", "run_status", "run_start")]
+    grouping = frame[keys].map(lambda v: "<missing>" if pd.isna(v) else repr(v))
     rows = []
-    for key, group in run_frame.groupby(list(SETTINGS), dropna=False, sort=False):
-        finished = group[group["run_status"] == "FINISHED"]  # the others are listed, not pooled
-        part = images[images["run_id"].isin(set(finished["run_id"]))]
+    for _, members in frame.groupby([grouping[k] for k in keys], dropna=False, sort=False):
+        finished = members[members["run_status"] == "FINISHED"]  # the others are listed apart
+        part = latest_per_image(images, finished)
         iou = part["iou"].dropna()
-        row = dict(zip(SETTINGS, key, strict=True))
+        row = {key: members[key].iloc[0] for key in shown}
         row.update(
             runs=int(finished["run_id"].nunique()),
-            unfinished_runs=int((group["run_status"] != "FINISHED").sum()),
+            unfinished_runs=int((members["run_status"] != "FINISHED").sum()),
             images=len(part),
             compared=len(iou),
             mean_iou=float(iou.mean()) if len(iou) else math.nan,
@@ -278,7 +342,7 @@ def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
             for stat in _group_stats(spec) if spec.name != "iou" else []:
                 row[spec.run_metric(stat)] = mean
         rows.append(row)
-    table = pd.DataFrame(rows, columns=list(table_columns()))
+    table = pd.DataFrame(rows, columns=list(table_columns(shown)))
     unused = [
         name
         for spec in METRICS.values()
@@ -287,9 +351,19 @@ def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
         if name in table and table[name].isna().all()
     ]
     table = table.drop(columns=unused)  # only the metrics the runs computed
-    table["lime_samples"] = table["lime_samples"].astype("Int64")
-    order = ["method", "lime_mode", "lime_samples", "cam_top_fraction"]
-    return table.sort_values(order, na_position="last", kind="mergesort").reset_index(drop=True)
+    if "lime_samples" in table:
+        table["lime_samples"] = table["lime_samples"].astype("Int64")
+    order = [k for k in shown if k != "cam_top_fraction"] + ["cam_top_fraction"]
+    table = table.sort_values(order, key=lambda column: column.map(_sort_key), kind="mergesort")
+    return table.reset_index(drop=True)
+
+
+def latest_per_image(images: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The image rows of `runs`, each image once: from the latest run that has it."""
+    part = images[images["run_id"].isin(set(runs["run_id"]))]
+    start = part["run_id"].map(dict(zip(runs["run_id"], runs["run_start"], strict=True)))
+    ordered = part.assign(_start=start).sort_values("_start", kind="mergesort")
+    return ordered.drop_duplicates(subset=["image"], keep="last").drop(columns="_start")
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -358,9 +432,11 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / CSV_NAME
     comparison.table.to_csv(csv_path, index=False)
-    plot_path = plots.save_figure(plots.iou_vs_threshold(comparison.table), out_dir / PLOT_NAME)
+    figure = plots.iou_vs_threshold(comparison.table, comparison.settings)
+    plot_path = plots.save_figure(figure, out_dir / PLOT_NAME)
     overlays = _Overlays(client, workdir)
     finished_rows = comparison.images["run_status"] == "FINISHED"
+    shown = settings_frame(comparison.runs).set_index("run_id")[comparison.settings]
     gallery = [
         GalleryItem(
             kind=kind,
@@ -368,7 +444,7 @@ def write_outputs(
             run_name=row["run_name"],
             image=str(row["image"]),
             iou=float(row["iou"]),
-            settings=settings_text(row),
+            settings=settings_text(shown.loc[row["run_id"]].to_dict()),
             png=overlays.png(row),
         )
         for kind, row in gallery_rows(comparison.images[finished_rows])
@@ -395,7 +471,9 @@ def build_comparison(
     with tempfile.TemporaryDirectory(prefix="xai-exp-compare-") as tmp, quiet_downloads():
         workdir = Path(tmp)
         images = collect_images(client, runs, workdir)
-        comparison = Comparison(summarize_groups(runs, images), images, list(runs))
+        table = summarize_groups(runs, images)
+        shown = [c for c in table.columns if c in set(settings_frame(runs).columns)]
+        comparison = Comparison(table, images, list(runs), shown)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         full_meta = [
             *meta,

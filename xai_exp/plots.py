@@ -151,27 +151,27 @@ def curve_plot(
     return figure
 
 
-def iou_vs_threshold(table: pd.DataFrame) -> Figure:
-    """Mean IoU ± std against cam_top_fraction, one line per method x LIME samples x mode."""
-    import pandas as pd
-
+def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
+    """Mean IoU ± std against cam_top_fraction, one line per combination of the other settings."""
     figure = new_figure(7.5, 4.5)
     axes = figure.add_subplot()
     lines = 0
-    groups = table.groupby(["method", "lime_samples", "lime_mode"], dropna=False, sort=True)
-    for (method, samples, mode), part in groups:
+    others = [key for key in settings if key != "cam_top_fraction"]
+    groups = table.groupby(others, dropna=False, sort=True) if others else [((), table)]
+    for values, part in groups:
         part = part.dropna(subset=["cam_top_fraction", "mean_iou"]).sort_values("cam_top_fraction")
         if part.empty:
             continue
-        samples_text = "?" if pd.isna(samples) else str(int(samples))
+        values = values if isinstance(values, tuple) else (values,)
+        named = ", ".join(f"{k}={v}" for k, v in zip(others, values, strict=True))
         axes.errorbar(
             part["cam_top_fraction"],
             part["mean_iou"],
             yerr=part["std_iou"].fillna(0.0),
             marker="o",
             capsize=3,
-            linestyle="--" if mode == "area_matched" else "-",
-            label=plain_text(f"{method}, {samples_text} LIME samples, {mode}"),
+            linestyle="--" if "area_matched" in values else "-",
+            label=plain_text(named or "all runs"),
         )
         lines += 1
     axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")

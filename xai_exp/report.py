@@ -51,13 +51,11 @@ class GalleryItem:
 GALLERY_SIZE = 3
 
 
-def settings_text(row: Mapping[str, Any]) -> str:
-    """A group's settings in words: ``gradcam, top 0.1, top_k, 1000 LIME samples``."""
-    fraction = row["cam_top_fraction"]
-    samples = row["lime_samples"]
-    return (
-        f"{row['method']}, top {'?' if pd.isna(fraction) else f'{fraction:g}'}, "
-        f"{row['lime_mode']}, {'?' if pd.isna(samples) else int(samples)} LIME samples"
+def settings_text(settings: Mapping[str, Any]) -> str:
+    """A group's settings as ``key=value, ...`` (``method=gradcam, cam_top_fraction=0.1``)."""
+    return ", ".join(
+        f"{key}={'?' if pd.isna(value) else f'{value:g}' if isinstance(value, float) else value}"
+        for key, value in settings.items()
     )
 
 
