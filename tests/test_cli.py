@@ -41,6 +41,11 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
     assert done.returncode == 0, done.stderr
     client, [run] = runs(tmp_path)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("gradcam-top10%-lime30-resnet18-bundled@")
+    assert "output folder" in done.stdout  # where to look, printed at the end
+    assert run.info.run_id in done.stdout
+    assert "Mean IoU **" in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
     params = run.data.params
     assert params["method.name"] == "gradcam"
     assert params["lime.num_samples"] == "30"

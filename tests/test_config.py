@@ -131,3 +131,23 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+
+
+def test_unknown_keys_get_one_line_with_the_closest_valid_key(capsys):
+    from xai_exp.app import main, unknown_override
+
+    assert "did you mean threshold?" in unknown_override(["threshhold=top20"])
+    assert "did you mean lime.seed?" in unknown_override(["-m", "lime.sed=1,2"])
+    valid = [
+        "lime.seed=3",
+        "lime=slic",
+        "+extra.key=1",
+        "hydra/launcher=joblib",
+        "hydra.job.chdir=true",
+        "lime.segmentation.params.n_segments=4",
+        "experiment=seed_study",
+    ]
+    assert unknown_override(valid) is None
+    assert main(["threshhold=top20"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("xai-exp: unknown config key 'threshhold'")

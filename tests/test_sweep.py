@@ -52,6 +52,10 @@ def test_threshold_sweep_is_one_parent_with_named_children_and_no_recompute(tmp_
     assert sum(c.data.metrics["explanations_reused"] for c in children) == 12
     ious = sorted(c.data.metrics["mean_iou"] for c in children)
     assert len(set(ious)) > 1  # thresholds do change the masks
+    # the parent row in the runs table: its swept axis and its summary
+    assert parent.data.params["swept.threshold"] == "top5,top10,top20"
+    assert parent.data.metrics["best_mean_iou"] == pytest.approx(max(ious))
+    assert parent.data.metrics["n_children"] == 3
 
     rerun = sweep(tmp_path, "threshold=top5,top10,top20")
     assert rerun.returncode == 0, rerun.stderr

@@ -7,6 +7,8 @@ as ``xai_exp/conf`` when installed.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from xai_exp.data import DataError
 from xai_exp.job import JobContext, NothingComparedError, execute
 from xai_exp.models import ModelLoadError
 from xai_exp.sweep import close_open_sweeps, record_failed_job
-from xai_exp.tracking import TrackingError
+from xai_exp.tracking import TrackingError, flatten
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackingError, NothingComparedError)
 
@@ -65,6 +67,41 @@ def compose_config(overrides: Sequence[str] = ()) -> StudyConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     return to_study_config(cfg)
+
+
+def known_keys() -> set[str]:
+    """Every config group and key an override may name (and their parents)."""
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra"}
+    keys = set(flatten(dataclasses.asdict(StudyConfig())))
+    parents = {key.rsplit(".", depth)[0] for key in keys for depth in (1, 2) if "." in key}
+    return groups | keys | parents
+
+
+def unknown_override(args: Sequence[str]) -> str | None:
+    """One line for the first override that names no config group or key, with a suggestion.
+
+    Hydra's own message for a typo (``threshhold=top20``) is several lines and suggests
+    adding the key with ``+``; this names the closest valid key instead.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    candidates = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return None  # Hydra reports its own syntax errors
+    known = known_keys()
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.is_force_add():
+            continue  # the user adds or removes a key on purpose
+        if key in known or key.startswith(("hydra.", "hydra/", "lime.segmentation.params.")):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"unknown config key {key!r}{hint} (xai-exp run --help lists groups and keys)"
+    return None
 
 
 def job_context() -> JobContext:
@@ -110,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run studies with Hydra; `argv` are Hydra's arguments (default: the command line)."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    problem = unknown_override(sys.argv[1:])
+    if problem is not None:
+        print(f"xai-exp: {problem}", file=sys.stderr)
+        return 2
     register_configs()
     signals.install()
     try:

@@ -87,8 +87,39 @@ def git_commit() -> str | None:
 # --------------------------------------------------------------------------- naming and tags
 
 
+def describe_setting(cfg: StudyConfig) -> str:
+    """The setting in a few words: method, threshold, LIME, and what differs from defaults.
+
+    ``gradcam-top10%-lime1000-efficientnet_lite0-bundled``; a non-default LIME mode,
+    segmentation, seed, target class or precision is added.
+    """
+    lime, default = cfg.lime, StudyConfig().lime
+    parts = [
+        cfg.method.name,
+        f"top{cfg.threshold.cam_top_fraction * 100:g}%",
+        f"lime{lime.num_samples}",
+    ]
+    if cfg.threshold.lime_mode != "top_k":
+        parts.append(cfg.threshold.lime_mode)
+    if lime.segmentation.algorithm != default.segmentation.algorithm:
+        parts.append(lime.segmentation.algorithm)
+    if lime.seed != default.seed:
+        parts.append(f"seed{lime.seed}")
+    if cfg.method.target_class is not None:
+        parts.append(f"class{cfg.method.target_class}")
+    if cfg.precision != "fp32":
+        parts.append(cfg.precision)
+    parts.append(cfg.model.arch)
+    parts.append(
+        Path(cfg.data.dir).name if cfg.data.source == "folder" and cfg.data.dir else "bundled"
+    )
+    return "-".join(parts)
+
+
 def run_name(cfg: StudyConfig, context: JobContext) -> str:
-    """tracking.run_name; in a sweep the swept overrides (`method=gradcam,threshold=top5`)."""
+    """tracking.run_name; in a sweep the swept overrides (`method=gradcam,threshold=top5`);
+    otherwise the setting (`describe_setting`) and the run's start time, so names are unique.
+    """
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     if context.multirun:
@@ -99,7 +130,7 @@ def run_name(cfg: StudyConfig, context: JobContext) -> str:
             return ",".join(named)
         if context.override_dirname:
             return context.override_dirname
-    return f"{cfg.method.name}-{cfg.model.arch}-top{cfg.threshold.cam_top_fraction:g}"
+    return f"{describe_setting(cfg)}@{Path(context.output_dir).name}"
 
 
 def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:

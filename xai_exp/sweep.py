@@ -112,13 +112,22 @@ class MlflowSweepCallback(Callback):
             },
         )
         self.cfg = config
+        swept = swept_keys(config)
+        axes = {
+            key: value
+            for key, value in (o.split("=", 1) for o in config.hydra.overrides.task if "=" in o)
+            if key.lstrip("+~") in swept
+        }
+        sweeper = config.hydra.sweeper.get("params") or {}
+        axes.update({str(k): str(v) for k, v in sweeper.items()})
+        self.parent.log_params({f"swept.{key.lstrip('+~')}": value for key, value in axes.items()})
         atomic_write_text(
             self.sweep_dir / PARENT_FILE,
             json.dumps(
                 {
                     "run_id": self.parent.run_id,
                     "uri": redact_uri(tracking.uri),
-                    "swept_keys": swept_keys(config),
+                    "swept_keys": swept,
                 }
             ),
         )
@@ -143,10 +152,20 @@ class MlflowSweepCallback(Callback):
         try:
             from xai_exp.compare import log_comparison_to_parent
 
-            log_comparison_to_parent(parent, children, self.sweep_dir)
+            table = log_comparison_to_parent(parent, children, self.sweep_dir).table
+            means = table["mean_iou"].dropna()
+            if len(means):
+                parent.log_metrics(
+                    {
+                        "best_mean_iou": float(means.max()),
+                        "worst_mean_iou": float(means.min()),
+                        "n_settings": len(table),
+                    }
+                )
         except Exception as error:  # noqa: BLE001 - closing the parent matters more
             log.warning("could not log the sweep comparison: %s", describe(error))
         refused = failed_jobs(self.sweep_dir)
+        parent.log_metrics({"n_children": len(children), "n_failed_children": len(failed)})
         tags: dict[str, Any] = {"n_children": len(children), "n_failed_children": len(failed)}
         if refused:
             tags["failed_jobs"] = "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
