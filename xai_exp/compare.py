@@ -49,6 +49,7 @@ from xai_exp.tracking import (
     redact_uri,
     resolve_experiment,
     resolve_run,
+    run_url,
     search_all_runs,
 )
 
@@ -427,6 +428,7 @@ def write_outputs(
     workdir: Path,
     title: str,
     meta: Sequence[str],
+    tracking_uri: str = "",
 ) -> dict[str, Path]:
     """comparison.csv, iou_vs_threshold.png and report.html in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -437,6 +439,7 @@ def write_outputs(
     overlays = _Overlays(client, workdir)
     finished_rows = comparison.images["run_status"] == "FINISHED"
     shown = settings_frame(comparison.runs).set_index("run_id")[comparison.settings]
+    experiments = {run.info.run_id: run.info.experiment_id for run in comparison.runs}
     gallery = [
         GalleryItem(
             kind=kind,
@@ -446,6 +449,9 @@ def write_outputs(
             iou=float(row["iou"]),
             settings=settings_text(shown.loc[row["run_id"]].to_dict()),
             png=overlays.png(row),
+            url=run_url(tracking_uri, experiments[row["run_id"]], row["run_id"])
+            if tracking_uri
+            else None,
         )
         for kind, row in gallery_rows(comparison.images[finished_rows])
     ]
@@ -463,6 +469,7 @@ def build_comparison(
     out_dir: Path,
     title: str,
     meta: Sequence[str] = (),
+    tracking_uri: str = "",
 ) -> Comparison:
     """Read the runs' per-image results, group them and write the three files."""
     runs = [r for r in runs if not is_sweep_parent(r)]
@@ -480,7 +487,7 @@ def build_comparison(
             f"{len(runs)} runs, {len(images)} image results, generated {stamp}",
             "std_iou: population std (ddof=0) of the per-image IoUs pooled over a group's runs",
         ]
-        write_outputs(client, comparison, out_dir, workdir, title, full_meta)
+        write_outputs(client, comparison, out_dir, workdir, title, full_meta, tracking_uri)
     return comparison
 
 
@@ -518,14 +525,14 @@ def compare(
         raise CompareError(f"no study runs to compare in {scope} at {redact_uri(tracking_uri)}")
     title = f"xai-exp comparison: {scope}"
     meta = [f"tracking URI: {redact_uri(tracking_uri)}"]
-    comparison = build_comparison(client, runs, Path(out_dir), title, meta)
+    comparison = build_comparison(client, runs, Path(out_dir), title, meta, tracking_uri)
     if parent is not None:
         log_files(client, parent.info.run_id, comparison.files)
     return comparison
 
 
 def log_comparison_to_parent(
-    parent: RunLogger, children: list[Run], sweep_dir: Path | None
+    parent: RunLogger, children: list[Run], sweep_dir: Path | None, tracking_uri: str = ""
 ) -> Comparison:
     """Sweep callback hook: compare the children and log the files to the parent run.
 
@@ -536,10 +543,11 @@ def log_comparison_to_parent(
     title = f"xai-exp comparison: sweep run {parent.run_id}"
     meta = [f"sweep dir: {sweep_dir}"] if sweep_dir else []
     if sweep_dir is not None:
-        comparison = build_comparison(client, children, Path(sweep_dir) / ARTIFACT_DIR, title, meta)
+        out_dir = Path(sweep_dir) / ARTIFACT_DIR
+        comparison = build_comparison(client, children, out_dir, title, meta, tracking_uri)
         log_files(client, parent.run_id, comparison.files)
         return comparison
     with tempfile.TemporaryDirectory(prefix="xai-exp-comparison-") as tmp:
-        comparison = build_comparison(client, children, Path(tmp), title, meta)
+        comparison = build_comparison(client, children, Path(tmp), title, meta, tracking_uri)
         log_files(client, parent.run_id, comparison.files)
     return comparison

@@ -107,6 +107,14 @@ class MetricsConfig:
 
 
 @dataclass
+class PlotsConfig:
+    """The run's figures: file format and resolution (PNG only; PDF and SVG are vector)."""
+
+    format: str = "png"
+    dpi: int = 100
+
+
+@dataclass
 class StudyConfig:
     """The whole run: one model, one image set, one CAM method against LIME."""
 
@@ -118,6 +126,7 @@ class StudyConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
     device: str = "auto"
     precision: str = "fp32"
     progress: bool = True
@@ -130,6 +139,7 @@ LIME_MODES = ("top_k", "area_matched")
 SEGMENTATIONS = ("quickshift", "slic", "felzenszwalb")
 DATA_SOURCES = ("bundled", "folder")
 BASELINES = ("black", "mean", "blur")
+PLOT_FORMATS = ("png", "pdf", "svg")
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which seeds lime's perturbations
 MAX_INPUT_SIZE = 2048
 MAX_LIME_SAMPLES = 100_000  # lime holds every sample's superpixel mask in memory at once
@@ -185,6 +195,8 @@ def validate(cfg: StudyConfig) -> None:
     _check(cfg.metrics.steps >= 1, f"metrics.steps={cfg.metrics.steps} must be >= 1")
     _check(cfg.metrics.batch_size >= 1, f"metrics.batch_size={cfg.metrics.batch_size} must be >= 1")
     _check_choice(cfg.metrics.baseline, BASELINES, "metrics.baseline")
+    _check_choice(cfg.plots.format, PLOT_FORMATS, "plots.format")
+    _check(36 <= cfg.plots.dpi <= 1200, f"plots.dpi={cfg.plots.dpi} must be in 36..1200")
     layers = cfg.metrics.sanity_layers
     _check(layers is None or layers >= 1, f"metrics.sanity_layers={layers} must be >= 1 or null")
     target = cfg.method.target_class

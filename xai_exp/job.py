@@ -38,6 +38,7 @@ from xai_exp.tracking import (
     flatten,
     mark_lost_runs,
     redact_uri,
+    run_url,
     terminal_status,
 )
 
@@ -268,12 +269,6 @@ def log_partial(run: RunLogger, writer: ResultsWriter | None, error: BaseExcepti
         log.warning("could not log partial results: %s", describe(upload_error))
 
 
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
-    base = redact_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
-    return f"{base or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def where_to_look(cfg: StudyConfig, out_dir: Path, run: RunLogger | None) -> str:
     """The block printed at the end of a run: output folder, MLflow run, how to open it."""
     lines = [f"  output folder  {out_dir}"]
@@ -339,7 +334,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         if run is not None:
             run.set_tags(model_tags(classifier))
         hook = image_logger(run) if run is not None else None
-        writer = ResultsWriter(out_dir, cfg.method.name, on_image=hook)
+        writer = ResultsWriter(
+            out_dir, cfg.method.name, hook, setting=describe_setting(cfg), plots=cfg.plots
+        )
         results = run_study(study, items, on_result=writer, progress=cfg.progress)
         summary = {
             **summary_metrics(results),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xai_exp import plots
-from xai_exp.config import StudyConfig
+from xai_exp.config import PlotsConfig, StudyConfig
 from xai_exp.data import SkippedFile
 from xai_exp.faithfulness import FaithfulnessCurves
 from xai_exp.files import atomic_write_text
@@ -42,10 +42,19 @@ class ResultsWriter:
     logs them to MLflow there). Arrays are dropped afterwards, so memory stays flat.
     """
 
-    def __init__(self, out_dir: Path, method: str, on_image: ImageHook | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        method: str,
+        on_image: ImageHook | None = None,
+        setting: str = "",
+        plots: PlotsConfig | None = None,
+    ) -> None:
         self.out_dir = out_dir
         self.method = method
         self.on_image = on_image
+        self.setting = setting or f"{method} vs LIME"
+        self.plots = plots or PlotsConfig()
         self.csv_path = out_dir / RESULTS_CSV
         self.results: list[ImageResult] = []
         self.curves: dict[str, list[FaithfulnessCurves]] = {}  # per map source, for the plot
@@ -63,13 +72,18 @@ class ResultsWriter:
             csv.DictWriter(file, fieldnames=self.columns).writerow(row)
         overlay = None
         if result.status != Status.ERROR:
-            overlay = self.out_dir / "overlays" / f"{result.artifact_stem}.png"
-            plots.save_figure(plots.overlay_figure(result, self.method), overlay)
+            overlay = self.figure_path(f"overlays/{result.artifact_stem}")
+            figure = plots.overlay_figure(result, self.method)
+            plots.save_figure(figure, overlay, self.plots.dpi)
         for source, curves in result.arrays.get("faithfulness", {}).items():
             self.curves.setdefault(source, []).append(curves)
         if self.on_image is not None:
             self.on_image(index, result, overlay)
         result.arrays.clear()
+
+    def figure_path(self, name: str) -> Path:
+        """Where a figure of this run goes, in the configured format."""
+        return self.out_dir / f"{name}.{self.plots.format}"
 
 
 def explanation_params(
@@ -102,18 +116,17 @@ def write_run_files(
 
     Returns every file of the run (results.csv first), for upload.
     """
-    out_dir, method = writer.out_dir, writer.method
+    out_dir, method, dpi = writer.out_dir, writer.method, writer.plots.dpi
     files = [writer.csv_path]
-    files.append(
-        plots.save_figure(
-            plots.iou_bar_chart(writer.results, method), out_dir / "iou_bar_chart.png"
-        )
-    )
+    chart = plots.iou_bar_chart(writer.results, writer.setting)
+    files.append(plots.save_figure(chart, writer.figure_path("iou_bar_chart"), dpi))
     if writer.curves:
         labels = {"cam": method, "lime": "LIME"}
         curves = {labels[source]: found for source, found in writer.curves.items()}
         files.append(
-            plots.save_figure(plots.curve_plot(curves), out_dir / "faithfulness_curves.png")
+            plots.save_figure(
+                plots.curve_plot(curves), writer.figure_path("faithfulness_curves"), dpi
+            )
         )
     files.append(
         atomic_write_text(out_dir / "explanation_params.json", json.dumps(params, indent=2))

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from xai_exp.faithfulness import FaithfulnessCurves
 
 DPI = 100
+# The agreement panel: what IoU measures, in three colours that stay apart for colour-blind eyes.
+CAM_ONLY = (0.90, 0.60, 0.00)  # orange
+LIME_ONLY = (0.00, 0.45, 0.70)  # blue
+BOTH = (0.80, 0.47, 0.65)  # reddish purple
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -34,10 +38,10 @@ def new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Save as PNG atomically (temp file, then rename), so no half-written file is ever seen."""
+def save_figure(figure: Figure, path: Path, dpi: int = DPI) -> Path:
+    """Save atomically (temp file, then rename) in the format of the path's suffix."""
     with atomic_path(path, suffix=path.suffix) as temp:
-        figure.savefig(temp, dpi=DPI, bbox_inches="tight")
+        figure.savefig(temp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or None)
     return path
 
 
@@ -53,46 +57,70 @@ def _title(result: ImageResult, method: str) -> str:
     return plain_text(head + tail)
 
 
+def agreement_image(image: np.ndarray, cam_mask: np.ndarray, lime_mask: np.ndarray) -> np.ndarray:
+    """The image, dimmed, with CAM-only, LIME-only and shared pixels in three colours."""
+    shown = image.astype(np.float32) / 255.0 * 0.45 + 0.3
+    for mask, colour in (
+        (cam_mask & ~lime_mask, CAM_ONLY),
+        (lime_mask & ~cam_mask, LIME_ONLY),
+        (cam_mask & lime_mask, BOTH),
+    ):
+        shown[mask] = 0.25 * shown[mask] + 0.75 * np.array(colour)
+    return np.clip(shown, 0.0, 1.0)
+
+
 def overlay_figure(result: ImageResult, method: str) -> Figure:
-    """Original, CAM overlay, LIME overlay, CAM mask and LIME mask, side by side."""
+    """Image, CAM map, LIME weights (each with a colorbar) and where the two masks agree."""
+    from matplotlib.patches import Patch
+
     arrays = result.arrays
     image = arrays["image"]
-    figure = new_figure(17, 4)
-    axes = figure.subplots(1, 5)
+    figure = new_figure(16, 4.4)
+    axes = figure.subplots(1, 4)
     axes[0].imshow(image)
-    axes[0].set_title("image")
+    axes[0].set_title(plain_text(f"predicted: {result.predicted_label} ({result.probability:.0%})"))
     axes[1].imshow(image)
     if "cam" in arrays:
-        axes[1].imshow(arrays["cam"], cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    axes[1].set_title(plain_text(f"{method} ({result.target_label})"))
+        shown = axes[1].imshow(arrays["cam"], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        figure.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02, label="CAM (scaled 0..1)")
+    axes[1].set_title(plain_text(f"{method} for {result.target_label}"))
     if "segments" in arrays:
         weights = arrays["lime_weights"][arrays["segments"]]
         limit = float(np.abs(weights).max()) or 1.0
         axes[2].imshow(mark_boundaries(image, arrays["segments"], color=(1, 1, 0)))
-        axes[2].imshow(weights, cmap="RdBu_r", alpha=0.5, vmin=-limit, vmax=limit)
+        shown = axes[2].imshow(weights, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
+        bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
+        bar.set_label("LIME weight: red for, blue against the class")
     axes[2].set_title("LIME superpixel weights")
-    for axis, key, label in (
-        (axes[3], "cam_mask", "CAM mask"),
-        (axes[4], "lime_mask", "LIME mask"),
-    ):
-        mask = arrays.get(key)
-        if mask is None:
-            axis.text(0.5, 0.5, "no mask\n(flagged)", ha="center", va="center")
-        else:
-            axis.imshow(image)
-            axis.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.6)
-            label = f"{label} ({mask.mean():.0%} of pixels)"
-        axis.set_title(label)
+    cam_mask, lime_mask = arrays.get("cam_mask"), arrays.get("lime_mask")
+    if cam_mask is None or lime_mask is None:
+        axes[3].text(0.5, 0.5, "no IoU: flagged\n(see the reason above)", ha="center", va="center")
+        axes[3].set_title("masks")
+    else:
+        axes[3].imshow(agreement_image(image, cam_mask, lime_mask))
+        pixels = cam_mask.size
+        legend = [
+            Patch(color=CAM_ONLY, label=f"CAM only ({(cam_mask & ~lime_mask).sum() / pixels:.0%})"),
+            Patch(
+                color=LIME_ONLY, label=f"LIME only ({(lime_mask & ~cam_mask).sum() / pixels:.0%})"
+            ),
+            Patch(color=BOTH, label=f"both ({(cam_mask & lime_mask).sum() / pixels:.0%})"),
+        ]
+        axes[3].legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
+                       fontsize="small", frameon=False, handlelength=1)  # fmt: skip
+        iou = "n/a" if result.iou is None else f"{result.iou:.3f}"
+        axes[3].set_title(f"CAM mask vs LIME mask: IoU {iou}")
     for axis in axes:
         axis.axis("off")
     figure.suptitle(_title(result, method), fontsize=11)
     return figure
 
 
-def iou_bar_chart(results: Sequence[ImageResult], method: str) -> Figure:
-    """IoU per image with the mean as a line; flagged or failed images shown as gaps."""
-    names = [plain_text(r.name) for r in results]
-    values = [r.iou if r.iou is not None else math.nan for r in results]
+def iou_bar_chart(results: Sequence[ImageResult], setting: str) -> Figure:
+    """IoU per image, highest first, with the mean as a line; flagged or failed images last."""
+    ordered = sorted(results, key=lambda r: -r.iou if r.iou is not None else math.inf)
+    names = [plain_text(r.name) for r in ordered]
+    values = [r.iou if r.iou is not None else math.nan for r in ordered]
     figure = new_figure(max(6, 0.9 * len(names) + 2), 4)
     axis = figure.add_subplot()
     axis.bar(range(len(names)), np.nan_to_num(values, nan=0.0), color="tab:blue")
@@ -112,7 +140,7 @@ def iou_bar_chart(results: Sequence[ImageResult], method: str) -> Figure:
     axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("IoU (CAM mask vs LIME mask)")
-    axis.set_title(plain_text(f"{method} vs LIME: IoU per image"))
+    axis.set_title(plain_text(f"IoU per image: {setting}"), fontsize=10)
     return figure
 
 
@@ -173,9 +201,14 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
             linestyle="--" if "area_matched" in values else "-",
             label=plain_text(named or "all runs"),
         )
+        for x, y, n in zip(
+            part["cam_top_fraction"], part["mean_iou"], part["compared"], strict=True
+        ):
+            axes.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         lines += 1
     axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")
     axes.set_ylabel("mean IoU (± std over images)")
+    axes.set_ylim(bottom=0)
     axes.set_title("CAM vs LIME agreement")
     axes.grid(alpha=0.3)
     if lines:

@@ -22,13 +22,18 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 .meta { color: #555; font-size: 0.9em; }
+.table-wrap { overflow: auto; max-height: 70vh; border: 1px solid #ddd; }
 table.comparison { border-collapse: collapse; font-size: 0.9em; }
+table.comparison thead th { position: sticky; top: 0; }
 table.comparison th, table.comparison td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
 table.comparison th { background: #f2f2f2; }
 table.comparison td { text-align: right; }
 .plot img { max-width: 100%; }
 .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; width: 340px; } figure img { width: 100%; border: 1px solid #ddd; }
+figure { margin: 0; width: 520px; } figure img { width: 100%; border: 1px solid #ddd;
+  cursor: zoom-in; }
+figure img.full { position: fixed; inset: 2vh 2vw; width: 96vw; height: 96vh; object-fit: contain;
+  background: rgba(0, 0, 0, 0.85); z-index: 10; cursor: zoom-out; border: 0; }
 figcaption { font-size: 0.85em; word-break: break-word; }
 .missing { width: 100%; height: 120px; background: #eee; display: flex;
            align-items: center; justify-content: center; color: #777; }
@@ -46,6 +51,7 @@ class GalleryItem:
     iou: float
     settings: str
     png: bytes | None
+    url: str | None = None  # the run's page in the MLflow UI
 
 
 GALLERY_SIZE = 3
@@ -87,11 +93,15 @@ def _figure(item: GalleryItem) -> str:
         f"{html.escape(item.settings)}<br>"
         f"run {html.escape(_shorten(item.run_name))} ({html.escape(item.run_id[:8])})"
     )
+    if item.url:
+        caption += f' <a href="{html.escape(item.url, quote=True)}">open in MLflow</a>'
     if item.png is None:
         body = '<div class="missing">overlay not available</div>'
     else:
         alt = html.escape(f"{item.image} overlay", quote=True)
-        body = f'<img alt="{alt}" src="{png_data_uri(item.png)}">'
+        zoom = "this.classList.toggle('full')"
+        source = png_data_uri(item.png)
+        body = f'<img alt="{alt}" title="click: full size" onclick="{zoom}" src="{source}">'
     return f"<figure>{body}<figcaption>{caption}</figcaption></figure>"
 
 
@@ -132,7 +142,9 @@ def render_html(
 <h1>{html.escape(title)}</h1>
 <p class="meta">{meta_html}</p>
 <h2>Runs grouped by settings</h2>
-{table_html}
+<p class="meta">n = compared images per row (the column <code>compared</code>); std over images, not
+an interval.</p>
+<div class="table-wrap">{table_html}</div>
 <h2>Mean IoU vs CAM top fraction</h2>
 <div class="plot"><img alt="mean IoU vs CAM top fraction" src="{png_data_uri(plot_png)}"></div>
 {_gallery("Best agreeing images (highest IoU)", best)}

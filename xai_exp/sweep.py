@@ -152,7 +152,8 @@ class MlflowSweepCallback(Callback):
         try:
             from xai_exp.compare import log_comparison_to_parent
 
-            table = log_comparison_to_parent(parent, children, self.sweep_dir).table
+            uri = self.cfg.tracking.uri if self.cfg is not None else ""
+            table = log_comparison_to_parent(parent, children, self.sweep_dir, uri).table
             means = table["mean_iou"].dropna()
             if len(means):
                 parent.log_metrics(

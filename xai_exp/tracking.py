@@ -284,6 +284,12 @@ def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[
     return lost
 
 
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
+    base = redact_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
+    return f"{base or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def quiet_downloads() -> contextlib.AbstractContextManager[None]:
     """No per-file download progress bars on stderr."""
     return temporary_env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
