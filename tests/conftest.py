@@ -153,10 +153,10 @@ def log_study_run(
     metrics = []
     for step, image in enumerate(images):
         if image.iou is not None:
-            metrics.append(Metric("image_iou", image.iou, stamp, step))
+            metrics.append(Metric("per_image/iou", image.iou, stamp, step))
         if image.status != "error":
-            metrics.append(Metric("image_cam_seconds", image.cam_seconds, stamp, step))
-            metrics.append(Metric("image_lime_seconds", image.lime_seconds, stamp, step))
+            metrics.append(Metric("per_image/cam_seconds", image.cam_seconds, stamp, step))
+            metrics.append(Metric("per_image/lime_seconds", image.lime_seconds, stamp, step))
     ious = [i.iou for i in images if i.iou is not None]
     summary = {
         "n_images": len(images),

@@ -60,7 +60,7 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
         "mean_segmentation_seconds",
     } <= set(metrics)
     assert metrics["explanations_computed"] == 6
-    history = client.get_metric_history(run.info.run_id, "image_iou")
+    history = client.get_metric_history(run.info.run_id, "per_image/iou")
     assert sorted(m.step for m in history) == [0, 1]
     tags = run.data.tags
     assert tags["model"] == "resnet18"

@@ -79,7 +79,7 @@ def test_a_metric_added_in_one_place_reaches_every_output(
     assert metrics["mean_lime_mask_share"] == pytest.approx(sum(expected) / 2)
     assert metrics["median_lime_mask_share"] == pytest.approx(sum(expected) / 2)
     assert "mean_iou_auc" not in metrics
-    history = client.get_metric_history(run.info.run_id, "image_lime_mask_share")
+    history = client.get_metric_history(run.info.run_id, "per_image/lime_mask_share")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(expected)
 
     # compare reads it back from the logged results.csv as a column of its own

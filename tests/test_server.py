@@ -221,7 +221,7 @@ def test_team_mode_parallel_sweep_on_postgres(
             assert {"results.csv", "overlays", "summary.json"} <= root
             overlays = client.list_artifacts(child.info.run_id, "overlays")
             assert len(overlays) == 2
-            history = client.get_metric_history(child.info.run_id, "image_iou")
+            history = client.get_metric_history(child.info.run_id, "per_image/iou")
             assert sorted(m.step for m in history) == [0, 1]
         logged = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
         assert "comparison/report.html" in logged

@@ -7,7 +7,7 @@ and the table shows method and threshold plus each setting that varies. Only FIN
 are pooled, and an image explained by several of them counts once, from the latest (a rerun
 replaces, it does not double); failed, killed, lost (``process lost``) and still-running runs
 are counted in ``unfinished_runs`` and left out of the means. Per-image values come from each
-run's ``results.csv`` artifact, or, when a run has none, from its ``image_*`` metric
+run's ``results.csv`` artifact, or, when a run has none, from its ``per_image/*`` metric
 histories. ``std_iou`` is the population standard deviation (ddof=0) of the pooled per-image
 IoUs, as in each run's own ``std_iou``.
 
@@ -236,17 +236,20 @@ def _images_from_csv(path: Path) -> pd.DataFrame:
 
 
 def _images_from_history(client: MlflowClient, run: Run) -> pd.DataFrame:
-    """Per-image rows rebuilt from the ``image_*`` metric histories (step = image index).
+    """Per-image rows rebuilt from the ``per_image/*`` metric histories (step = image index).
 
     A step with an IoU is ``ok``; a step with other values but no IoU is ``flagged`` (its IoU
     was None, which is not logged); failed images log nothing, so the run's ``n_failed`` metric
     adds that many ``error`` rows.
     """
     run_id = run.info.run_id
-    series = {
-        name: {m.step: m.value for m in client.get_metric_history(run_id, spec.image_metric)}
-        for name, spec in METRICS.items()
-    }
+
+    def history(spec: MetricSpec) -> dict[int, float]:
+        found = client.get_metric_history(run_id, spec.image_metric)
+        found = found or client.get_metric_history(run_id, f"image_{spec.name}")  # before 0.2
+        return {m.step: m.value for m in found}
+
+    series = {name: history(spec) for name, spec in METRICS.items()}
     steps = sorted(set().union(*(found.keys() for found in series.values())))
     rows = [
         {

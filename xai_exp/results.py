@@ -157,14 +157,15 @@ class MetricSpec:
 
     @property
     def image_metric(self) -> str:
-        """MLflow per-image series name (step = image index)."""
-        return f"image_{self.name}"
+        """MLflow per-image series (step = image index), in its own section after the run's."""
+        return f"{IMAGE_SERIES}/{self.name}"
 
     def enabled(self, flags: Mapping[str, bool]) -> bool:
         """Whether the ``metrics`` config switches it on."""
         return self.requires is None or bool(flags.get(self.requires, False))
 
 
+IMAGE_SERIES = "per_image"  # MLflow's UI shows `per_image/...` as a section of its own
 METRICS: dict[str, MetricSpec] = {}
 
 
