@@ -133,6 +133,11 @@ def test_every_setting_that_changes_results_is_its_own_row(tracking_store, make_
     assert "tracking.uri" not in table.columns
     by_algorithm = dict(zip(table["lime.segmentation.algorithm"], table["mean_iou"], strict=True))
     assert by_algorithm == {"quickshift": pytest.approx(0.2), "slic": pytest.approx(0.6)}
+    page = (store.root / "out" / cmp.HTML_NAME).read_text(encoding="utf-8")
+    grid = page[page.index("IoU per image and setting") :]
+    assert "lime.segmentation.algorithm=slic" in grid  # one grid column per compared setting
+    assert ">0.600<" in grid
+    assert ">0.200<" in grid
 
 
 def test_metric_history_stands_in_for_a_missing_results_csv(tracking_store, make_study_run):
@@ -192,9 +197,12 @@ def test_report_is_self_contained_with_best_and_worst_overlays(tracking_store, m
     page = (out / cmp.HTML_NAME).read_text(encoding="utf-8")
     assert "data:image/png;base64," in page
     assert _b64((out / cmp.PLOT_NAME).read_bytes()) in page
-    sources = re.findall(r"""\s(?:src|href)\s*=\s*["']?([^"' >]+)""", page, flags=re.IGNORECASE)
+    sources = re.findall(r"""\ssrc\s*=\s*["']?([^"' >]+)""", page, flags=re.IGNORECASE)
     assert sources, "the report should embed images"
     assert all(s.startswith("data:image/png;base64,") for s in sources), sources
+    links = re.findall(r"""\shref\s*=\s*["']?([^"' >]+)""", page, flags=re.IGNORECASE)
+    assert links  # each gallery image links to its run in the MLflow UI, nothing else is loaded
+    assert all(re.match(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+$", u) for u in links)
     assert "<script" not in page.lower()
     assert "<link" not in page.lower()
     # escaped, never raw HTML from run or image names

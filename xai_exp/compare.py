@@ -424,6 +424,21 @@ class _Overlays:
         return None
 
 
+def iou_grid(comparison: Comparison) -> pd.DataFrame:
+    """IoU per image (rows) and compared setting (columns), from each setting's latest runs."""
+    frame = settings_frame(comparison.runs)
+    finished = frame[frame["run_status"] == "FINISHED"]
+    if finished.empty:
+        return pd.DataFrame()
+    labels = finished[comparison.settings].apply(lambda row: settings_text(row.to_dict()), axis=1)
+    parts = [
+        latest_per_image(comparison.images, members).assign(setting=label)
+        for label, members in finished.groupby(labels, sort=False)
+    ]
+    rows = pd.concat(parts, ignore_index=True)
+    return rows.pivot_table(index="image", columns="setting", values="iou", sort=False)
+
+
 def write_outputs(
     client: MlflowClient,
     comparison: Comparison,
@@ -458,10 +473,10 @@ def write_outputs(
         )
         for kind, row in gallery_rows(comparison.images[finished_rows])
     ]
-    html_path = atomic_write_text(
-        out_dir / HTML_NAME,
-        render_html(title, meta, comparison.table, plot_path.read_bytes(), gallery),
+    page = render_html(
+        title, meta, comparison.table, plot_path.read_bytes(), gallery, iou_grid(comparison)
     )
+    html_path = atomic_write_text(out_dir / HTML_NAME, page)
     comparison.files = {"csv": csv_path, "plot": plot_path, "html": html_path}
     return comparison.files
 

@@ -112,12 +112,35 @@ def _gallery(title: str, items: Sequence[GalleryItem]) -> str:
     return f'<h2>{html.escape(title)}</h2>\n<div class="gallery">\n{figures}\n</div>'
 
 
+def _grid(grid: pd.DataFrame | None) -> str:
+    """Images as rows, compared settings as columns, IoU shaded by value."""
+    if grid is None or grid.empty:
+        return ""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in grid.columns)
+    rows = []
+    for image, values in grid.iterrows():
+        cells = []
+        for value in values:
+            if pd.isna(value):
+                cells.append('<td class="na">–</td>')
+            else:
+                shade = f"rgba(31, 119, 180, {0.1 + 0.8 * float(value):.2f})"
+                cells.append(f'<td style="background: {shade}">{float(value):.3f}</td>')
+        rows.append(f"<tr><th>{html.escape(str(image))}</th>{''.join(cells)}</tr>")
+    return (
+        "<h2>IoU per image and setting</h2>\n"
+        '<div class="table-wrap"><table class="comparison grid">'
+        f"<thead><tr><th>image</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
 def render_html(
     title: str,
     meta: Sequence[str],
     table: pd.DataFrame,
     plot_png: bytes,
     gallery: Sequence[GalleryItem],
+    grid: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one string; every value from the runs is HTML-escaped."""
     best = [item for item in gallery if item.kind == "best"]
@@ -147,6 +170,7 @@ an interval.</p>
 <div class="table-wrap">{table_html}</div>
 <h2>Mean IoU vs CAM top fraction</h2>
 <div class="plot"><img alt="mean IoU vs CAM top fraction" src="{png_data_uri(plot_png)}"></div>
+{_grid(grid)}
 {_gallery("Best agreeing images (highest IoU)", best)}
 {_gallery("Worst agreeing images (lowest IoU)", worst)}
 </body>
