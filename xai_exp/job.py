@@ -209,16 +209,28 @@ def config_yaml(cfg: StudyConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def image_logger(run: RunLogger):
-    """`ResultsWriter` hook: the overlay and the image's metrics (step = image index)."""
+class ImageLogger:
+    """`ResultsWriter` hook: uploads each overlay at once and keeps the per-image series.
 
-    def log_image(index: int, result: ImageResult, overlay: Path | None) -> None:
+    The series are logged by `flush`, after the run-level metrics, because MLflow's run page
+    lists metrics in the order they were logged: the run's result comes first.
+    """
+
+    def __init__(self, run: RunLogger) -> None:
+        self.run = run
+        self.series: list[tuple[int, dict[str, float | bool | None]]] = []
+
+    def __call__(self, index: int, result: ImageResult, overlay: Path | None) -> None:
         if overlay is not None:
-            run.log_artifact(overlay, "overlays")
+            self.run.log_artifact(overlay, "overlays")
         values = {spec.image_metric: result.values.get(name) for name, spec in METRICS.items()}
-        run.log_metrics(values, step=index)
+        self.series.append((index, values))
 
-    return log_image
+    def flush(self) -> None:
+        """Log the kept series (step = image index); safe to call twice."""
+        series, self.series = self.series, []
+        for index, values in series:
+            self.run.log_metrics(values, step=index)
 
 
 def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) -> str:
@@ -280,9 +292,10 @@ def where_to_look(cfg: StudyConfig, out_dir: Path, run: RunLogger | None) -> str
         )
         if not cfg.tracking.uri.startswith(("http://", "https://")):
             lines.append(f"  browse with    mlflow ui --backend-store-uri {cfg.tracking.uri}")
-        lines.append(
-            f"  open           {run_url(cfg.tracking.uri, found.info.experiment_id, run.run_id)}"
-        )
+        url = run_url(cfg.tracking.uri, found.info.experiment_id, run.run_id)
+        lines.append(f"  open           {url}")
+        table = url.split("/runs/")[0] + "?workflowType=machine_learning"
+        lines.append(f"  runs table     {table}")
     return "xai-exp: run finished\n" + "\n".join(lines)
 
 
@@ -328,12 +341,13 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
     run = start_run(store, cfg, context, out_dir) if store is not None else None
     writer: ResultsWriter | None = None
+    hook: ImageLogger | None = None
     error: BaseException | None = None
     try:
         items, skipped = load_images(cfg)
         if run is not None:
             run.set_tags(model_tags(classifier))
-        hook = image_logger(run) if run is not None else None
+        hook = ImageLogger(run) if run is not None else None
         writer = ResultsWriter(
             out_dir, cfg.method.name, hook, setting=describe_setting(cfg), plots=cfg.plots
         )
@@ -346,8 +360,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         }
         params = explanation_params(cfg, classifier, study.versions)
         files = write_run_files(writer, params, summary, skipped)
-        if run is not None:
+        if run is not None and hook is not None:
             log_results(run, cfg.method.name, summary, files, results)
+            hook.flush()
             run.set_tags({"mlflow.note.content": run_note(cfg, summary, files)})
         if results and summary["n_compared"] == 0:
             raise NothingComparedError(
@@ -373,6 +388,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             with shielded():  # a second Ctrl-C or SIGTERM cannot leave the run RUNNING
                 if error is not None:
                     log_partial(run, writer, error)
+                    if hook is not None:
+                        with contextlib.suppress(Exception):
+                            hook.flush()  # the images finished before the failure
                 status = terminal_status(error)
                 run.finish(status)
             if error is not None:

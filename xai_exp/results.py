@@ -377,12 +377,7 @@ def summary_metrics(results: list[ImageResult]) -> dict[str, float]:
     Metrics the pipeline always sets (IoU, timings) are always present (NaN when no image has
     them); computed metrics appear only when at least one image has a value.
     """
-    summary: dict[str, float] = {
-        "n_images": len(results),
-        "n_compared": sum(r.iou is not None for r in results),
-        "n_flagged": sum(r.status == Status.FLAGGED for r in results),
-        "n_failed": sum(r.status == Status.ERROR for r in results),
-    }
+    summary: dict[str, float] = {}
     for spec in METRICS.values():
         values = [r.values.get(spec.name) for r in results]
         if spec.compute is not None and all(v is None for v in values):
@@ -390,4 +385,10 @@ def summary_metrics(results: list[ImageResult]) -> dict[str, float]:
         found = summarize(v if v is None else float(v) for v in values)
         for stat in spec.stats:
             summary[spec.run_metric(stat)] = found["mean" if stat == Stat.RATE else stat.value]
+    summary.update(
+        n_images=len(results),
+        n_compared=sum(r.iou is not None for r in results),
+        n_flagged=sum(r.status == Status.FLAGGED for r in results),
+        n_failed=sum(r.status == Status.ERROR for r in results),
+    )
     return summary
