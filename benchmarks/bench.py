@@ -170,7 +170,17 @@ def run_image(classifier, image, target, args, results, index: int) -> dict:
             )
             return record("ours_lime", (result[0], result[1] + seg_wall, result[2] + seg_cpu))
         batch = BASELINE_BATCH["ablationcam"] if method == "ablationcam" else args.cam_batch
-        timing = timed(device, cam.compute_cam, classifier, x, method, target, batch, "fast")
+        timing = timed(
+            device,
+            cam.compute_cam,
+            classifier,
+            x,
+            method,
+            target,
+            batch,
+            "fast",
+            precision=args.precision,
+        )
         return record(f"ours_{method}", timing)
 
     for method in [*CAMS, "lime"]:
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         arch=args.arch, weights=weights, target_layer=args.target_layer, input_size=args.input_size
     )
     classifier = load_classifier(cfg, args.device)
-    inference.prepare_for_inference(classifier, args.precision)
+    inference.prepare_for_inference(classifier)
     entry = inference._prepared(classifier)
     items = bundled_images(args.images)
     images = [fit_to_input(item.image, args.input_size) for item in items]
