@@ -46,6 +46,8 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
     assert run.info.run_id in done.stdout
     assert "Mean IoU **" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
+    assert run.data.tags["mlflow.source.name"] == "run.py"
+    assert run.data.tags["mlflow.user"]
     params = run.data.params
     assert params["method.name"] == "gradcam"
     assert params["lime.num_samples"] == "30"

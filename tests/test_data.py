@@ -486,3 +486,16 @@ def test_module_has_no_heavy_imports():
     source = Path(data.__file__).read_text()
     for banned in ("mlflow", "hydra", "torch"):
         assert f"import {banned}" not in source
+
+
+def test_paths_typed_with_a_tilde_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    assert data.check_folder("~/photos") == tmp_path / "photos"
+    with pytest.raises(data.DataError, match=str(tmp_path / "missing")):
+        data.check_folder("~/missing")  # the message names the expanded path
+    from xai_exp.app import compose_config
+
+    cfg = compose_config(["data=folder", 'data.dir="~/photos"'])
+    assert cfg.data.dir == "~/photos"  # quoted for Hydra, expanded where it is used
+    assert data.check_folder(cfg.data.dir).is_dir()
