@@ -256,7 +256,8 @@ def process_gone(tags: Mapping[str, str]) -> bool:
         return False  # another machine (or an older run): nothing can be said from here
     if Path("/proc/self/stat").exists():
         current = _process_start(int(pid))
-        return current is None or current != tags.get("process.start", current)
+        started = tags.get("process.start") or current  # no start recorded: existence alone
+        return current is None or current != started
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
