@@ -379,9 +379,9 @@ def format_table(table: pd.DataFrame) -> str:
         return lambda v: "-" if pd.isna(v) else f"{v:.{digits}f}"
 
     formatters = {
+        **{name: fixed(3) for name in table.columns if table[name].dtype.kind == "f"},
         "cam_top_fraction": lambda v: "-" if pd.isna(v) else f"{v:g}",
         "lime_samples": lambda v: "-" if pd.isna(v) else str(int(v)),
-        **{name: fixed(3) for name in table.columns if table[name].dtype.kind == "f"},
     }
     return table.to_string(index=False, formatters=formatters, na_rep="-")
 
