@@ -424,3 +424,29 @@ def test_overlay_title_shows_dollar_signs_as_typed():
     figure = plots.overlay_figure(result, "gradcam")
     figure.canvas.draw()  # mathtext would raise here
     assert "x\\$_\\$y" in figure.get_suptitle()
+
+
+def test_an_interrupt_while_a_run_is_created_arrives_after_it():
+    from xai_exp import signals
+
+    finished: list[str] = []
+
+    def create_run() -> None:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            finished.append("run created")  # the block is not cut in half
+
+    signals.install()
+    try:
+        with pytest.raises(signals.Terminated, match="SIGTERM"):
+            create_run()
+        assert finished == ["run created"]
+        with signals.shielded():
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: cleanup goes on
+            time.sleep(0.05)
+            finished.append("cleaned up")
+        assert finished[-1] == "cleaned up"
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)

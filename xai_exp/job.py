@@ -30,7 +30,7 @@ from xai_exp.models import Classifier, load_classifier, resolve_device
 from xai_exp.outputs import ResultsWriter, explanation_params, write_run_files
 from xai_exp.pipeline import Study, library_versions, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
-from xai_exp.signals import shielded
+from xai_exp.signals import deferred, shielded
 from xai_exp.sweep import read_parent_marker
 from xai_exp.tracking import (
     RunLogger,
@@ -339,11 +339,13 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     study = Study(cfg, classifier, cache)
     out_dir = Path(context.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = start_run(store, cfg, context, out_dir) if store is not None else None
+    run: RunLogger | None = None
     writer: ResultsWriter | None = None
     hook: ImageLogger | None = None
     error: BaseException | None = None
     try:
+        with deferred():  # an interrupt while the run is created arrives once it can be closed
+            run = start_run(store, cfg, context, out_dir) if store is not None else None
         items, skipped = load_images(cfg)
         if run is not None:
             run.set_tags(model_tags(classifier))

@@ -53,6 +53,29 @@ def shielded() -> Iterator[None]:
             signal.signal(number, handler)
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then raise as they would have.
+
+    For steps that must not be cut in half (creating an MLflow run and recording that it
+    exists): an interrupt during the block takes effect right after it, when the caller can
+    close what the block opened.
+    """
+    received: list[int] = []
+    saved = {}
+    with contextlib.suppress(ValueError):  # not the main thread
+        for number in _signals(SHIELDED):
+            saved[number] = signal.signal(number, lambda n, _f: received.append(n))
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+    if received:
+        name = signal.Signals(received[0]).name
+        raise KeyboardInterrupt() if name == "SIGINT" else Terminated(name)
+
+
 def exit_code(error: KeyboardInterrupt) -> int:
     """The shell's exit code for an interrupt: 128 + the signal number (130 for Ctrl-C)."""
     name = error.signal_name if isinstance(error, Terminated) else "SIGINT"

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
-from xai_exp.signals import shielded
+from xai_exp.signals import deferred, shielded
 from xai_exp.tracking import (
     ROLE_TAG,
     RunLogger,
@@ -101,17 +101,19 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(config.hydra.overrides.task) or "(none)"
-        self.parent = RunLogger.start(
-            client,
-            experiment_id,
-            run_name=f"sweep {self.sweep_dir.name}",
-            tags={
-                "sweep_dir": str(self.sweep_dir),
-                "sweep_overrides": overrides,
-                ROLE_TAG: "sweep",
-            },
-        )
-        self.cfg = config
+        with deferred():  # an interrupt here arrives once the parent is known, so it is closed
+            self.parent = RunLogger.start(
+                client,
+                experiment_id,
+                run_name=f"sweep {self.sweep_dir.name}",
+                tags={
+                    "sweep_dir": str(self.sweep_dir),
+                    "sweep_overrides": overrides,
+                    ROLE_TAG: "sweep",
+                },
+            )
+            self.cfg = config
+            _OPEN.append(self)
         swept = swept_keys(config)
         axes = {
             key: value
@@ -131,7 +133,6 @@ class MlflowSweepCallback(Callback):
                 }
             ),
         )
-        _OPEN.append(self)
         atexit.register(self._close, interrupted=True)
         log.info("sweep parent run %s", self.parent.run_id)
 
