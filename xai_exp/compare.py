@@ -124,8 +124,13 @@ class Comparison:
     table: pd.DataFrame
     images: pd.DataFrame
     runs: list[Run]
-    settings: list[str] = field(default_factory=lambda: list(ALWAYS_SHOWN))  # shown columns
+    frame: pd.DataFrame  # `settings_frame` of the runs
     files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> list[str]:
+        """The settings shown as the table's first columns."""
+        return shown_settings(self.frame)
 
 
 def study_runs(
@@ -311,15 +316,17 @@ def _mean(series: pd.Series) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def summarize_groups(runs: Sequence[Run], images: pd.DataFrame) -> pd.DataFrame:
+def summarize_groups(
+    runs: Sequence[Run], images: pd.DataFrame, frame: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One row per distinct setting: run and image counts, IoU statistics, statuses, metrics.
 
     Runs are grouped by every setting that changes results (`run_settings`); only FINISHED
     runs are pooled, and an image that several of them explain counts once, from the latest
     run (a rerun replaces, it does not double). The shown settings are the table's first
-    columns (`shown_settings`).
+    columns (`shown_settings`). `frame` is the runs' `settings_frame` when the caller has it.
     """
-    frame = settings_frame(runs)
+    frame = settings_frame(runs) if frame is None else frame
     shown = shown_settings(frame)
     keys = [c for c in frame.columns if c not in ("run_id", "run_status", "run_start")]
     grouping = frame[keys].map(lambda v: "<missing>" if pd.isna(v) else repr(v))
@@ -426,7 +433,7 @@ class _Overlays:
 
 def iou_grid(comparison: Comparison) -> pd.DataFrame:
     """IoU per image (rows) and compared setting (columns), from each setting's latest runs."""
-    frame = settings_frame(comparison.runs)
+    frame = comparison.frame
     finished = frame[frame["run_status"] == "FINISHED"]
     if finished.empty:
         return pd.DataFrame()
@@ -456,7 +463,7 @@ def write_outputs(
     plot_path = plots.save_figure(figure, out_dir / PLOT_NAME)
     overlays = _Overlays(client, workdir)
     finished_rows = comparison.images["run_status"] == "FINISHED"
-    shown = settings_frame(comparison.runs).set_index("run_id")[comparison.settings]
+    shown = comparison.frame.set_index("run_id")[comparison.settings]
     experiments = {run.info.run_id: run.info.experiment_id for run in comparison.runs}
     gallery = [
         GalleryItem(
@@ -496,9 +503,8 @@ def build_comparison(
     with tempfile.TemporaryDirectory(prefix="xai-exp-compare-") as tmp, quiet_downloads():
         workdir = Path(tmp)
         images = collect_images(client, runs, workdir)
-        table = summarize_groups(runs, images)
-        shown = [c for c in table.columns if c in set(settings_frame(runs).columns)]
-        comparison = Comparison(table, images, list(runs), shown)
+        frame = settings_frame(runs)
+        comparison = Comparison(summarize_groups(runs, images, frame), images, list(runs), frame)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         full_meta = [
             *meta,

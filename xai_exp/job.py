@@ -36,6 +36,7 @@ from xai_exp.tracking import (
     RunLogger,
     connect,
     flatten,
+    is_server,
     mark_lost_runs,
     redact_uri,
     run_url,
@@ -285,14 +286,12 @@ def where_to_look(cfg: StudyConfig, out_dir: Path, run: RunLogger | None) -> str
     """The block printed at the end of a run: output folder, MLflow run, how to open it."""
     lines = [f"  output folder  {out_dir}"]
     if run is not None:
-        found = run.client.get_run(run.run_id)
         lines.append(
-            f"  MLflow run     {found.info.run_name} ({run.run_id}) "
-            f"in experiment {cfg.tracking.experiment!r}"
+            f"  MLflow run     {run.name} ({run.run_id}) in experiment {cfg.tracking.experiment!r}"
         )
-        if not cfg.tracking.uri.startswith(("http://", "https://")):
+        if not is_server(cfg.tracking.uri):
             lines.append(f"  browse with    mlflow ui --backend-store-uri {cfg.tracking.uri}")
-        url = run_url(cfg.tracking.uri, found.info.experiment_id, run.run_id)
+        url = run_url(cfg.tracking.uri, run.experiment_id, run.run_id)
         lines.append(f"  open           {url}")
         table = url.split("/runs/")[0] + "?workflowType=machine_learning"
         lines.append(f"  runs table     {table}")
@@ -307,13 +306,11 @@ class NothingComparedError(RuntimeError):
 
 
 def check_config(cfg: StudyConfig) -> Classifier:
-    """Everything that would fail every image, before any run exists; returns the model.
+    """Everything beyond `validate` that would fail every image; returns the model.
 
-    Values and ranges, plugins, the method, superpixel parameters, the device, the data
-    folder, and the model itself: it is loaded and its target layer checked by a dry forward
-    pass.
+    Plugins, the method, superpixel parameters, the device, the data folder, and the model
+    itself: it is loaded and its target layer checked by a dry forward pass.
     """
-    validate(cfg)
     load_plugins(cfg.metrics.plugins)
     check_method(cfg.method.name)
     check_segmentation(cfg.lime.segmentation.algorithm, cfg.lime.segmentation.params)
@@ -331,7 +328,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     failure is recorded in it as FAILED (KILLED on an interrupt) with the reason, and the
     images finished so far are kept. A run in which no image could be compared is FAILED.
     """
-    validate(cfg)
+    validate(cfg)  # values and ranges, before the store is touched
     tracking = cfg.tracking
     store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
     classifier = check_config(cfg)

@@ -148,7 +148,7 @@ class MlflowSweepCallback(Callback):
             self._finish(parent, interrupted)
 
     def _finish(self, parent: RunLogger, interrupted: bool) -> None:
-        children = child_runs(parent.client, parent.client.get_run(parent.run_id))
+        children = child_runs(parent.client, parent.experiment_id, parent.run_id)
         failed = [c for c in children if c.info.status == "FAILED"]
         try:
             from xai_exp.compare import log_comparison_to_parent
@@ -167,8 +167,9 @@ class MlflowSweepCallback(Callback):
         except Exception as error:  # noqa: BLE001 - closing the parent matters more
             log.warning("could not log the sweep comparison: %s", describe(error))
         refused = failed_jobs(self.sweep_dir)
-        parent.log_metrics({"n_children": len(children), "n_failed_children": len(failed)})
-        tags: dict[str, Any] = {"n_children": len(children), "n_failed_children": len(failed)}
+        counts = {"n_children": len(children), "n_failed_children": len(failed)}
+        parent.log_metrics(counts)
+        tags: dict[str, Any] = dict(counts)
         if refused:
             tags["failed_jobs"] = "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
         parent.set_tags(tags)

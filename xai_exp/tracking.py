@@ -68,9 +68,14 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def is_server(uri: str) -> bool:
+    """Whether the URI names a tracking server (rather than a local store)."""
+    return uri.startswith(("http://", "https://"))
+
+
 def unreachable(uri: str, error: BaseException, hint: str) -> TrackingError:
     """The one-line error for a store that does not answer (password masked)."""
-    state = "is unreachable" if uri.startswith(("http://", "https://")) else "cannot be used"
+    state = "is unreachable" if is_server(uri) else "cannot be used"
     return TrackingError(
         f"tracking store {redact_uri(uri)} {state} ({scrub(describe(error, 160), uri)}); " + hint
     )
@@ -222,13 +227,9 @@ def search_all_runs(
             return runs
 
 
-def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
-    """The runs whose parent is `parent`, oldest first."""
-    return search_all_runs(
-        client,
-        [parent.info.experiment_id],
-        f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-    )
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Run]:
+    """The runs whose parent is `parent_run_id`, oldest first."""
+    return search_all_runs(client, [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
 def _process_start(pid: int) -> str | None:
@@ -287,7 +288,7 @@ def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
-    base = redact_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
+    base = redact_uri(uri).rstrip("/") if is_server(uri) else None
     return f"{base or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -315,9 +316,13 @@ def _now_ms() -> int:
 class RunLogger:
     """One MLflow run, written through the client (no global active run)."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, experiment_id: str = "", name: str = ""
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.name = name
 
     @classmethod
     def start(
@@ -333,7 +338,7 @@ class RunLogger:
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        return cls(client, run.info.run_id)
+        return cls(client, run.info.run_id, experiment_id, run.info.run_name)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params in batches; values are stringified (None as 'null')."""
