@@ -56,8 +56,8 @@ class ExplanationCache:
     """Stores explanations by key; damaged entries are discarded, writes are atomic.
 
     The cache only ever saves time: an entry it cannot read is a miss, and a write that fails
-    (a full disk, a read-only or misplaced folder) is one warning, after which the cache is
-    read-only for the rest of the run and every result is still used.
+    (a full disk, a read-only or misplaced folder) is counted in `failed_writes` and warned
+    about once per cache; every result is still used.
     """
 
     def __init__(self, directory: str | Path | None = None, enabled: bool = True) -> None:
