@@ -7,6 +7,7 @@ with `new_figure` and written with `save_figure`.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,7 +192,11 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
         if part.empty:
             continue
         values = values if isinstance(values, tuple) else (values,)
-        named = ", ".join(f"{k}={v}" for k, v in zip(others, values, strict=True))
+        named = ", ".join(
+            f"{k}={v}"
+            for k, v in zip(others, values, strict=True)
+            if not (isinstance(v, float) and math.isnan(v))  # a setting this run does not have
+        )
         axes.errorbar(
             part["cam_top_fraction"],
             part["mean_iou"],
@@ -199,7 +204,7 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
             marker="o",
             capsize=3,
             linestyle="--" if "area_matched" in values else "-",
-            label=plain_text(named or "all runs"),
+            label=textwrap.fill(plain_text(named or "all runs"), 90),
         )
         for x, y, n in zip(
             part["cam_top_fraction"], part["mean_iou"], part["compared"], strict=True
@@ -212,7 +217,8 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
     axes.set_title("CAM vs LIME agreement")
     axes.grid(alpha=0.3)
     if lines:
-        axes.legend(fontsize="small")
+        # below the axes: with several compared settings the labels are long
+        figure.legend(loc="outside lower center", fontsize="small")
     else:
         axes.text(0.5, 0.5, "no IoU to plot", ha="center", va="center", transform=axes.transAxes)
     return figure
