@@ -86,9 +86,11 @@ def test_a_rerun_replaces_and_failed_runs_stay_apart(tracking_store, make_study_
     table = comparison.table
 
     assert len(table) == 5
-    computed = {name for spec in METRICS.values() if spec.compute for name in spec.run_metrics}
+    optional = {
+        n for spec in METRICS.values() if not spec.reported_when_missing for n in spec.run_metrics
+    }
     shown = ["method", "cam_top_fraction", "lime_mode", "lime_samples"]  # the ones that vary
-    assert list(table.columns) == [c for c in cmp.table_columns(shown) if c not in computed]
+    assert list(table.columns) == [c for c in cmp.table_columns(shown) if c not in optional]
     pooled = _row(table, method="gradcam", cam_top_fraction=0.1, lime_mode="top_k", lime_samples=20)
     # a and b from the latest finished rerun, c from the first; the FAILED one stays apart
     ious = [0.15, 0.25, 0.3]

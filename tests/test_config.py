@@ -94,7 +94,7 @@ def test_threshold_presets():
         ("method.batch_size=-1", "method.batch_size=-1 must be >= 1"),
         ("threshold.lime_mode=best", "is not one of top_k, area_matched"),
         ("precision=fp8", "is not one of fp32, bf16"),
-        ("method.target_class=-2", "must be >= 0"),
+        ("method.target_class=-2", "or a class index >= 0"),
     ],
 )
 def test_bad_values_fail_validation_with_one_line(override, message):

@@ -118,7 +118,10 @@ def test_broken_files_are_skipped_and_valid_ones_load(tmp_path):
     assert items[0].source == str(good)
 
     reasons = {Path(s.path).name: s.reason for s in skipped}
-    assert set(reasons) == {"truncated.jpg", "notes.jpg", "empty.png"}
+    # decoding failures, a non-image and an empty class folder; hidden files stay unlisted
+    assert set(reasons) == {"truncated.jpg", "notes.jpg", "empty.png", "readme.txt", "subdir.png"}
+    assert reasons["readme.txt"].startswith("not an image (.txt file")
+    assert reasons["subdir.png"] == "class folder without images"
     assert all(isinstance(s, SkippedFile) for s in skipped)
     assert "truncated" in reasons["truncated.jpg"]
     assert "JPEG" in reasons["truncated.jpg"]
@@ -127,13 +130,15 @@ def test_broken_files_are_skipped_and_valid_ones_load(tmp_path):
     assert all("\n" not in r and r for r in reasons.values())
 
 
-def test_limit_counts_valid_images_only(tmp_path):
+def test_limit_keeps_the_first_files_by_name(tmp_path):
+    # data.limit defines the study (the same files in every shard job), so a file that
+    # fails to decode still counts
     (tmp_path / "a_broken.jpg").write_bytes(b"nope")
     _save(_rgb(), tmp_path / "b.png")
     _save(_rgb(), tmp_path / "c.png")
     (tmp_path / "d_broken.png").write_bytes(b"nope")
 
-    items, skipped = folder_images(tmp_path, limit=1)
+    items, skipped = folder_images(tmp_path, limit=2)
     assert [i.name for i in items] == ["b.png"]
     assert [Path(s.path).name for s in skipped] == ["a_broken.jpg"]
 
@@ -474,11 +479,13 @@ def test_extension_case_and_sorted_order(tmp_path):
     _save(_rgb(), tmp_path / "x.TIFF", format="TIFF")
     _save(_rgb(), tmp_path / "b.png")
     _save(_rgb(), tmp_path / "a.Jpeg", format="JPEG")
-    _save(_rgb(), tmp_path / "c.gif", format="GIF")  # unsupported extension: ignored
+    _save(_rgb(), tmp_path / "c.gif", format="GIF")  # unsupported extension: listed as skipped
 
     items, skipped = folder_images(tmp_path)
     assert [i.name for i in items] == ["a.Jpeg", "b.png", "UPPER.JPG", "x.TIFF"]
-    assert skipped == []
+    assert [(Path(s.path).name, s.reason.split(";")[0]) for s in skipped] == [
+        ("c.gif", "not an image (.gif file")
+    ]
     assert [i.artifact_stem for i in items] == ["a", "b", "UPPER", "x"]
 
 

@@ -76,6 +76,11 @@ NOT_SETTINGS = (
     "metrics.batch_size",
     "lime.batch_size",
     "method.batch_size",
+    "data.num_shards",  # shards of one setting pool into one row
+    "data.shard",
+    "data.max_file_mb",
+    "outputs.",
+    "plots.",
 )
 IOU_COLUMNS = ("mean_iou", "std_iou", "min_iou", "max_iou")
 CSV_NAME = "comparison.csv"
@@ -357,7 +362,7 @@ def summarize_groups(
     unused = [
         name
         for spec in METRICS.values()
-        if spec.compute is not None
+        if not spec.reported_when_missing
         for name in spec.run_metrics
         if name in table and table[name].isna().all()
     ]

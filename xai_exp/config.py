@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +24,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Which images to explain: the bundled samples, or every image in a folder."""
+    """Which images to explain: the bundled samples, or every image in a folder tree.
+
+    `limit` keeps the first N files (sorted by path); `num_shards`/`shard` then take one
+    deterministic part of them. True labels come from class folders, ImageNet synset ids in
+    file names, or `manifest` (a CSV of file,label), in that order.
+    """
 
     source: str = "bundled"
     dir: str | None = None
     limit: int | None = None
+    recursive: bool = True
+    manifest: str | None = None
+    max_file_mb: float = 200.0
+    num_shards: int = 1
+    shard: int = 0
 
 
 @dataclass
@@ -35,7 +46,8 @@ class MethodConfig:
     """A CAM method of the grad-cam package, by its config name."""
 
     name: str = "gradcam"
-    target_class: int | None = None
+    # null: the predicted class; true: the image's true class; N: class index N
+    target_class: int | bool | str | None = None
     batch_size: int = 64
     implementation: str = "fast"
 
@@ -107,6 +119,17 @@ class MetricsConfig:
 
 
 @dataclass
+class OutputsConfig:
+    """Which per-image files a run writes: `overlays` is all, none, extremes or a number N.
+
+    `extremes` (and N) keep every overlay up to the cap (`OVERLAY_CAP`, or N); past it the most
+    and least agreeing images and a fixed random sample. The CSV always has every image.
+    """
+
+    overlays: str | int = "extremes"
+
+
+@dataclass
 class PlotsConfig:
     """The run's figures: file format and resolution (PNG only; PDF and SVG are vector)."""
 
@@ -127,6 +150,7 @@ class StudyConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     plots: PlotsConfig = field(default_factory=PlotsConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
     device: str = "auto"
     precision: str = "fp32"
     progress: bool = True
@@ -143,6 +167,38 @@ PLOT_FORMATS = ("png", "pdf", "svg")
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which seeds lime's perturbations
 MAX_INPUT_SIZE = 2048
 MAX_LIME_SAMPLES = 100_000  # lime holds every sample's superpixel mask in memory at once
+OVERLAY_MODES = ("all", "none", "extremes")
+OVERLAY_CAP = 48  # outputs.overlays=extremes: every overlay up to this many images
+TRUE_CLASS = "true"  # method.target_class=true
+
+
+def target_choice(value: int | bool | str | None) -> int | str | None:
+    """method.target_class as the study uses it: None (predicted), "true" or a class index."""
+    if value is None or value is False or (isinstance(value, str) and value == "predicted"):
+        return None
+    if value is True or (isinstance(value, str) and value.casefold() == TRUE_CLASS):
+        return TRUE_CLASS
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise ConfigError(
+        f"method.target_class={value!r} must be null (the prediction), true (the image's true "
+        "class) or a class index >= 0"
+    )
+
+
+def overlay_cap(value: str | int) -> int | None:
+    """outputs.overlays as a cap on overlay files: None for all, 0 for none."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if value in OVERLAY_MODES:
+        return {"all": None, "none": 0, "extremes": OVERLAY_CAP}[str(value)]
+    raise ConfigError(
+        f"outputs.overlays={value!r} is not one of all, none, extremes or a number of images"
+    )
 
 
 def _check(ok: bool, message: str) -> None:
@@ -185,8 +241,14 @@ def validate(cfg: StudyConfig) -> None:
         cfg.data.source != "folder" or bool(cfg.data.dir),
         "data.source=folder needs data.dir=PATH (a folder of images)",
     )
+    data = cfg.data
+    _check(data.limit is None or data.limit >= 1, f"data.limit={data.limit} must be >= 1")
+    _check(data.max_file_mb > 0, f"data.max_file_mb={data.max_file_mb} must be > 0")
+    _check(data.num_shards >= 1, f"data.num_shards={data.num_shards} must be >= 1")
     _check(
-        cfg.data.limit is None or cfg.data.limit >= 1, f"data.limit={cfg.data.limit} must be >= 1"
+        0 <= data.shard < data.num_shards,
+        f"data.shard={data.shard} must be in 0..{data.num_shards - 1} (data.num_shards="
+        f"{data.num_shards})",
     )
     _check(
         8 <= cfg.model.input_size <= MAX_INPUT_SIZE,
@@ -199,9 +261,75 @@ def validate(cfg: StudyConfig) -> None:
     _check(36 <= cfg.plots.dpi <= 1200, f"plots.dpi={cfg.plots.dpi} must be in 36..1200")
     layers = cfg.metrics.sanity_layers
     _check(layers is None or layers >= 1, f"metrics.sanity_layers={layers} must be >= 1 or null")
-    target = cfg.method.target_class
-    _check(target is None or target >= 0, f"method.target_class={target} must be >= 0 or null")
+    target_choice(cfg.method.target_class)
+    overlay_cap(cfg.outputs.overlays)
     _check(
         cfg.lime.hide_color is None or 0 <= cfg.lime.hide_color <= 255,
         f"lime.hide_color={cfg.lime.hide_color} must be null (segment mean) or 0..255",
     )
+
+
+# Keys that the composed config ignores under a condition: (keys, ignored when, how to fix).
+IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], ...] = (
+    (
+        ("data.recursive", "data.manifest", "data.max_file_mb"),
+        lambda cfg: cfg.data.source != "folder",
+        "the bundled photos are used; add data=folder data.dir=PATH",
+    ),
+    (
+        ("data.shard",),
+        lambda cfg: cfg.data.num_shards == 1,
+        "data.num_shards is 1; set data.num_shards=N",
+    ),
+    (
+        ("metrics.steps", "metrics.baseline", "metrics.batch_size"),
+        lambda cfg: not cfg.metrics.faithfulness,
+        "deletion/insertion is off; add metrics=faithfulness",
+    ),
+    (
+        ("metrics.sanity_layers", "metrics.sanity_threshold"),
+        lambda cfg: not cfg.metrics.sanity,
+        "the randomisation check is off; add metrics.sanity=true",
+    ),
+    (("cache.dir",), lambda cfg: not cfg.cache.enabled, "the cache is off; drop cache=off"),
+    (
+        ("tracking.uri", "tracking.experiment", "tracking.run_name"),
+        lambda cfg: not cfg.tracking.enabled,
+        "tracking is off; drop tracking.enabled=false",
+    ),
+)
+
+
+def override_keys(overrides: Iterable[str]) -> list[str]:
+    """The config keys that command-line overrides set (``+a.b=1`` -> ``a.b``; groups too)."""
+    keys = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key and "=" in override:
+            keys.append(key)
+    return keys
+
+
+def honour_data_dir(cfg: StudyConfig, overrides: Iterable[str]) -> StudyConfig:
+    """`data.dir=PATH` alone means a folder study: the bundled source gives way to it.
+
+    Only an explicit ``data=bundled`` beside it keeps the bundled photos (and is then an
+    ignored override, see `ignored_overrides`).
+    """
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "data"]
+    if cfg.data.dir and cfg.data.source == "bundled" and "bundled" not in chosen:
+        cfg.data.source = "folder"
+    return cfg
+
+
+def ignored_overrides(cfg: StudyConfig, overrides: Iterable[str]) -> list[str]:
+    """One line for each override that the composed config would not use."""
+    keys = override_keys(overrides)
+    problems = []
+    if "data.dir" in keys and cfg.data.source != "folder":
+        problems.append("data.dir is ignored with data=bundled; drop data=bundled to use it")
+    for names, ignored, fix in IGNORED_WHEN:
+        for key in keys:
+            if key in names and ignored(cfg):
+                problems.append(f"{key} is ignored here: {fix}")
+    return problems

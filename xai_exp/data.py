@@ -1,22 +1,35 @@
 """Image sources for experiments: bundled sample photos and folders of user images.
 
-Everything here is plain numpy + Pillow. Every image comes back as an HxWx3 ``uint8`` RGB
-array with its EXIF orientation applied and its longest side capped at ``MAX_SIDE``.
+A source is listed first (`ImageSet`: paths, names, true labels, shards; nothing read) and
+decoded one image at a time while the study runs. Everything here is plain numpy + Pillow.
+Every image comes back as an HxWx3 ``uint8`` RGB array with its EXIF orientation applied and
+its longest side capped at ``MAX_SIDE``.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import hashlib
 import importlib.util
 import io
+import itertools
 import os
+import re
 import unicodedata
 import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from xai_exp.config import DataConfig
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_SIDE = 2048  # images larger than this on their longest side are downscaled ON LOAD
@@ -66,6 +79,7 @@ class ImageItem:
     image: np.ndarray
     content_hash: str
     source: str
+    label: str | None = None  # the true class as the data names it (folder, synset, manifest)
 
 
 @dataclass(frozen=True)
@@ -191,9 +205,14 @@ def _exif_transpose(img: Image.Image) -> Image.Image:
         return img
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; a file longer than `max_bytes` is refused after reading that many."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _load_error(path, f"file is larger than {max_bytes / 2**20:g} MB")
+        return data
     except FileNotFoundError:
         raise _load_error(path, "file not found") from None
     except IsADirectoryError:
@@ -204,8 +223,10 @@ def _read_bytes(path: Path) -> bytes:
         raise _load_error(path, f"cannot read file ({exc.strerror or exc})") from None
 
 
-def _load_with_hash(path: Path, max_side: int) -> tuple[np.ndarray, str]:
-    data = _read_bytes(path)
+def _load_with_hash(
+    path: Path, max_side: int, max_bytes: int | None = None
+) -> tuple[np.ndarray, str]:
+    data = _read_bytes(path, max_bytes)
     return _decode(data, path, max_side), hashlib.sha256(data).hexdigest()
 
 
@@ -282,7 +303,91 @@ def _unique_stems(names: list[str]) -> list[str]:
     return stems
 
 
-# --------------------------------------------------------------------------- sources
+# --------------------------------------------------------------------------- listing
+
+# An ImageNet synset id (``n01443537``) inside a folder or file name.
+SYNSET_ID = re.compile(r"(?<![A-Za-z0-9])n\d{8}(?!\d)")
+# Header names of a manifest's file column (the first row is a header when its first cell is one).
+_MANIFEST_FILE_HEADERS = frozenset(
+    {"file", "filename", "file_name", "path", "image", "imageid", "image_id", "name"}
+)
+_MAX_MANIFEST_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One listed image file, not yet read: its path, display name, size and true label."""
+
+    path: Path
+    name: str  # relative to the data folder, ``/``-separated: unique within the study
+    size: int = 0
+    label: str | None = None
+    label_from: str = ""  # folder | synset | manifest: where the label was found
+
+
+class ImageSet:
+    """The study's image files, listed up front and decoded one at a time when iterated.
+
+    Iterating yields `ImageItem`s in listing order while a background thread decodes the next
+    `prefetch` files, so memory holds a few images whatever the number of files. A file that
+    fails to decode is appended to `skipped` (and passed to `on_skip`) and left out.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[ImageFile],
+        skipped: Sequence[SkippedFile] = (),
+        *,
+        max_bytes: int | None = None,
+        prefetch: int = 2,
+        label_conflicts: Sequence[str] = (),
+    ) -> None:
+        self.files = list(files)
+        self.skipped = list(skipped)
+        self.max_bytes = max_bytes
+        self.prefetch = prefetch
+        self.label_conflicts = list(label_conflicts)  # files whose manifest label lost
+        self.stems = _unique_stems([file.name for file in self.files])
+        self.on_skip: Callable[[SkippedFile], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def labels(self) -> dict[str, list[str]]:
+        """Each true label found, with the names of its files."""
+        found: dict[str, list[str]] = {}
+        for file in self.files:
+            if file.label is not None:
+                found.setdefault(file.label, []).append(file.name)
+        return found
+
+    def _load(self, index: int) -> ImageItem | SkippedFile:
+        file = self.files[index]
+        try:
+            image, digest = _load_with_hash(file.path, MAX_SIDE, self.max_bytes)
+        except ImageLoadError as exc:
+            return SkippedFile(str(file.path), exc.reason)
+        return ImageItem(file.name, self.stems[index], image, digest, str(file.path), file.label)
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xai-exp-decode")
+        pending: deque[Future[ImageItem | SkippedFile]] = deque()
+        upcoming = iter(range(len(self.files)))
+        try:
+            for index in itertools.islice(upcoming, self.prefetch + 1):
+                pending.append(pool.submit(self._load, index))
+            while pending:
+                loaded = pending.popleft().result()
+                for index in itertools.islice(upcoming, 1):
+                    pending.append(pool.submit(self._load, index))
+                if isinstance(loaded, SkippedFile):
+                    self.skipped.append(loaded)
+                    if self.on_skip is not None:
+                        self.on_skip(loaded)
+                    continue
+                yield loaded
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_limit(limit: int | None) -> None:
@@ -300,31 +405,15 @@ def _package_file(package: str, relative: str) -> Path:
     raise DataError(f"bundled image {relative} not found in the installed {package} package")
 
 
-def bundled_images(limit: int | None = None) -> list[ImageItem]:
+def bundled_set() -> ImageSet:
     """The six sample photos shipped inside scikit-image and matplotlib (nothing downloaded).
 
-    Order: astronaut, chelsea, coffee, rocket, motorcycle_left, grace_hopper; ``limit``
-    keeps the first N.
+    Order: astronaut, chelsea, coffee, rocket, motorcycle_left, grace_hopper.
     """
-    _check_limit(limit)
-    chosen = _BUNDLED if limit is None else _BUNDLED[:limit]
-    names = [name for _, _, name in chosen]
-    items = []
-    for (package, relative, name), stem in zip(chosen, _unique_stems(names), strict=True):
-        path = _package_file(package, relative)
-        try:
-            image, digest = _load_with_hash(path, MAX_SIDE)
-        except ImageLoadError as exc:
-            raise DataError(f"bundled image {name} is unreadable: {exc.reason}") from None
-        items.append(ImageItem(name, stem, image, digest, str(path)))
-    return items
-
-
-def _summarise_skipped(skipped: list[SkippedFile], shown: int = 3) -> str:
-    parts = [f"{Path(s.path).name}: {s.reason}" for s in skipped[:shown]]
-    if len(skipped) > shown:
-        parts.append(f"and {len(skipped) - shown} more")
-    return _one_line("; ".join(parts))
+    files = [
+        ImageFile(_package_file(package, relative), name) for package, relative, name in _BUNDLED
+    ]
+    return ImageSet(files)
 
 
 def check_folder(directory: str | Path) -> Path:
@@ -338,61 +427,278 @@ def check_folder(directory: str | Path) -> Path:
     return folder
 
 
-def folder_images(
-    directory: str | Path, limit: int | None = None
-) -> tuple[list[ImageItem], list[SkippedFile]]:
-    """Load the images directly inside ``directory``, sorted by file name.
+def _name_key(name: str) -> tuple[str, str]:
+    return (name.casefold(), name)
 
-    Files with a supported extension (any case) are tried; hidden files and other
-    extensions are ignored. Files that fail to load are returned as ``SkippedFile``.
-    ``limit`` caps the number of loaded images (scanning stops once it is reached).
-    Raises :class:`DataError` if the folder is missing or yields no valid image.
+
+def _scan(
+    folder: Path, recursive: bool, max_bytes: int | None, exclude: Path | None
+) -> tuple[list[ImageFile], list[SkippedFile]]:
+    """Every image file under `folder` (one level, or the whole tree), with what was left out.
+
+    Hidden files and folders are ignored; other non-images, files above `max_bytes` (by size,
+    never read) and class folders without images are returned as skipped. Symlinked folders
+    are followed once each.
+    """
+    images: list[ImageFile] = []
+    skipped: list[SkippedFile] = []
+    seen: set[tuple[int, int]] = set()
+    supported = ", ".join(SUPPORTED_EXTENSIONS)
+
+    def visit(directory: Path, parts: tuple[str, ...]) -> None:
+        try:
+            info = directory.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                return
+            seen.add((info.st_dev, info.st_ino))
+            entries = sorted(os.scandir(directory), key=lambda e: _name_key(e.name))
+        except OSError as exc:
+            if not parts:
+                raise DataError(
+                    f"cannot list data folder {directory}: {exc.strerror or exc}"
+                ) from None
+            skipped.append(SkippedFile(str(directory), f"cannot list folder ({exc.strerror})"))
+            return
+        before = len(images)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+                if is_dir:
+                    if recursive:
+                        visit(path, (*parts, entry.name))
+                    continue
+                size = entry.stat().st_size
+            except OSError as exc:
+                skipped.append(SkippedFile(str(path), f"cannot read ({exc.strerror or exc})"))
+                continue
+            extension = os.path.splitext(entry.name)[1].lower()
+            if exclude is not None and path.resolve() == exclude:
+                continue
+            if extension not in SUPPORTED_EXTENSIONS:
+                kind = f"{extension} file" if extension else "file without extension"
+                skipped.append(SkippedFile(str(path), f"not an image ({kind}; read: {supported})"))
+            elif max_bytes is not None and size > max_bytes:
+                skipped.append(
+                    SkippedFile(
+                        str(path),
+                        f"{size / 2**20:,.0f} MB, above data.max_file_mb="
+                        f"{max_bytes / 2**20:g} (not read; raise it to include the file)",
+                    )
+                )
+            else:
+                images.append(ImageFile(path, "/".join((*parts, entry.name)), size))
+        if len(parts) == 1 and len(images) == before:
+            skipped.append(SkippedFile(str(directory), "class folder without images"))
+
+    visit(folder, ())
+    images.sort(key=lambda file: _name_key(file.name))
+    return images, skipped
+
+
+def path_label(name: str) -> tuple[str | None, str]:
+    """The true label a relative path carries, and where it was found.
+
+    The first folder (``ImageFolder`` layout: ``goldfish/1.jpg``, ``n01443537/x.JPEG``) comes
+    first; for a file at the top of the folder, an ImageNet synset id in its file name
+    (``n01443537_10007.JPEG``). None when neither is there.
+    """
+    parts = name.split("/")
+    if len(parts) > 1:
+        return parts[0], "folder"
+    found = SYNSET_ID.search(parts[-1])
+    return (found.group(0), "synset") if found else (None, "")
+
+
+def read_manifest(path: str | Path) -> dict[str, str]:
+    """``file -> label`` from a manifest CSV (two columns: file, label; a header is optional).
+
+    File names may be relative to the data folder, bare file names or stems (ImageNet's
+    ``LOC_val_solution.csv`` works as it is: its label cell starts with the synset id).
+    Raises DataError, one line, when the file is missing or is not such a CSV.
+    """
+    manifest = Path(path).expanduser()
+    try:
+        with manifest.open("rb") as file:
+            raw = file.read(_MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise DataError(f"cannot read the manifest {manifest}: {exc.strerror or exc}") from None
+    problem = None
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        problem = f"larger than {_MAX_MANIFEST_BYTES // 2**20} MB"
+    elif b"\x00" in raw:
+        problem = "binary data"
+    rows: list[list[str]] = []
+    if problem is None:
+        try:
+            rows = [
+                [cell.strip() for cell in row]
+                for row in csv.reader(io.StringIO(raw.decode("utf-8-sig")))
+                if any(cell.strip() for cell in row)
+            ]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            problem = _one_line(str(exc))
+    if problem is None:
+        short = next((n for n, row in enumerate(rows, 1) if len(row) < 2), None)
+        if not rows:
+            problem = "no rows"
+        elif short is not None:
+            problem = f"row {short} has one column"
+    if problem is not None:
+        raise DataError(
+            f"the manifest {manifest} is not a CSV of file,label rows ({problem}); "
+            "fix it or drop data.manifest"
+        )
+    if rows[0][0].casefold() in _MANIFEST_FILE_HEADERS:
+        rows = rows[1:]
+    return {row[0].replace("\\", "/"): row[1] for row in rows}
+
+
+def _manifest_labels(
+    manifest: dict[str, str], files: Sequence[ImageFile], folder: Path
+) -> tuple[dict[str, str], list[SkippedFile]]:
+    """Manifest labels by file name, and the manifest entries that name no listed file."""
+    by_key: dict[str, str | None] = {}
+    for file in files:  # a relative path, a bare file name or a stem; ambiguous ones unused
+        base = file.name.rsplit("/", 1)[-1]
+        for key in dict.fromkeys((file.name, base, os.path.splitext(base)[0])):
+            by_key[key] = file.name if key not in by_key else None
+    labels: dict[str, str] = {}
+    missing: list[SkippedFile] = []
+    for key, label in manifest.items():
+        candidate = Path(key)
+        if candidate.is_absolute() and candidate.is_relative_to(folder):
+            key = candidate.relative_to(folder).as_posix()
+        name = by_key.get(key)
+        if name is None:
+            missing.append(SkippedFile(key, "named in the manifest, not found in the data folder"))
+        else:
+            labels[name] = label
+    return labels, missing
+
+
+def list_folder(
+    directory: str | Path,
+    recursive: bool = True,
+    manifest: str | Path | None = None,
+    max_file_mb: float | None = None,
+) -> ImageSet:
+    """The image files under `directory` with their true labels, sorted by relative path.
+
+    Labels, in order of precedence: the class folder's name, an ImageNet synset id in a top
+    level file's name (`path_label`), the `manifest` CSV (`read_manifest`). Non-images, files
+    above `max_file_mb` (never read), empty class folders and manifest rows naming no file are
+    in `skipped`. A manifest that is not a CSV is skipped the same way (the study goes on
+    without its labels). Raises DataError when the folder is missing or holds no image file.
+    """
+    folder = check_folder(directory)
+    max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
+    manifest_path = Path(manifest).expanduser().resolve() if manifest else None
+    files, skipped = _scan(folder, recursive, max_bytes, manifest_path)
+    if not files:
+        supported = ", ".join(SUPPORTED_EXTENSIONS)
+        detail = f"; skipped: {_summarise_skipped(skipped)}" if skipped else ""
+        raise DataError(f"no images found in data folder {folder} (read: {supported}){detail}")
+    from_manifest: dict[str, str] = {}
+    if manifest_path is not None:
+        try:
+            from_manifest, missing = _manifest_labels(read_manifest(manifest_path), files, folder)
+            skipped += missing
+        except DataError as error:
+            skipped.append(SkippedFile(str(manifest_path), str(error)))
+    labelled, conflicts = [], []
+    for file in files:
+        label, source = path_label(file.name)
+        listed = from_manifest.get(file.name)
+        if label is None and listed is not None:
+            label, source = listed, "manifest"
+        elif listed is not None and listed != label:
+            conflicts.append(file.name)
+        labelled.append(dataclasses.replace(file, label=label, label_from=source))
+    return ImageSet(labelled, skipped, max_bytes=max_bytes, label_conflicts=conflicts)
+
+
+def shard_of(name: str, num_shards: int) -> int:
+    """The shard (0..num_shards-1) a file belongs to: a hash of its name, stable across jobs."""
+    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def select(
+    images: ImageSet, limit: int | None = None, num_shards: int = 1, shard: int = 0
+) -> ImageSet:
+    """The first `limit` files, then the files of one shard (`shard_of`).
+
+    Shards of the same listing partition it: every file is in exactly one. Files skipped while
+    listing go to the shard of their path too, so each is reported once.
     """
     _check_limit(limit)
-    folder = check_folder(directory)
-    try:
-        entries = list(os.scandir(folder))
-    except OSError as exc:
-        raise DataError(f"cannot list data folder {folder}: {exc.strerror or exc}") from None
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in 0..{num_shards - 1}, got {shard}")
+    files = images.files[:limit]
+    skipped = images.skipped
+    if num_shards > 1:
+        files = [file for file in files if shard_of(file.name, num_shards) == shard]
+        skipped = [s for s in skipped if shard_of(s.path, num_shards) == shard]
+    kept = {file.name for file in files}
+    return ImageSet(
+        files,
+        skipped,
+        max_bytes=images.max_bytes,
+        prefetch=images.prefetch,
+        label_conflicts=[name for name in images.label_conflicts if name in kept],
+    )
 
-    candidates = []
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if os.path.splitext(entry.name)[1].lower() not in SUPPORTED_EXTENSIONS:
-            continue
-        try:
-            if not entry.is_file():
-                continue
-        except OSError:
-            continue
-        candidates.append(entry.name)
-    candidates.sort(key=lambda n: (n.casefold(), n))
 
-    loaded: list[tuple[str, np.ndarray, str, Path]] = []
-    skipped: list[SkippedFile] = []
-    for file_name in candidates:
-        if limit is not None and len(loaded) >= limit:
-            break
-        path = folder / file_name
-        try:
-            image, digest = _load_with_hash(path, MAX_SIDE)
-        except ImageLoadError as exc:
-            skipped.append(SkippedFile(str(path), exc.reason))
-            continue
-        loaded.append((file_name, image, digest, path))
+def open_images(cfg: DataConfig) -> ImageSet:
+    """The configured images (listed, not read), or a DataError before any compute."""
+    if cfg.source == "folder":
+        if not cfg.dir:
+            raise DataError("data=folder needs data.dir=PATH (a folder of images)")
+        images = list_folder(cfg.dir, cfg.recursive, cfg.manifest, cfg.max_file_mb)
+    else:
+        images = bundled_set()
+    return select(images, cfg.limit, cfg.num_shards, cfg.shard)
 
-    if not loaded:
-        if not skipped:
-            supported = ", ".join(SUPPORTED_EXTENSIONS)
-            raise DataError(f"no images found in data folder {folder} (supported: {supported})")
-        raise DataError(
-            f"no valid images in data folder {folder}: {len(skipped)} file(s) skipped "
-            f"({_summarise_skipped(skipped)})"
-        )
-    stems = _unique_stems([name for name, _, _, _ in loaded])
-    items = [
-        ImageItem(name, stem, image, digest, str(path))
-        for (name, image, digest, path), stem in zip(loaded, stems, strict=True)
-    ]
-    return items, skipped
+
+def _summarise_skipped(skipped: list[SkippedFile], shown: int = 3) -> str:
+    parts = [f"{Path(s.path).name}: {s.reason}" for s in skipped[:shown]]
+    if len(skipped) > shown:
+        parts.append(f"and {len(skipped) - shown} more")
+    return _one_line("; ".join(parts))
+
+
+def no_valid_images(images: ImageSet, where: str) -> DataError:
+    """The error for a study whose every file failed to decode."""
+    return DataError(
+        f"no valid images in {where}: {len(images.skipped)} file(s) skipped "
+        f"({_summarise_skipped(images.skipped)})"
+    )
+
+
+# --------------------------------------------------------------------------- eager helpers
+
+
+def bundled_images(limit: int | None = None) -> list[ImageItem]:
+    """The bundled photos, decoded (`bundled_set`); ``limit`` keeps the first N."""
+    images = select(bundled_set(), limit)
+    items = list(images)
+    if images.skipped:
+        raise DataError(f"bundled image unreadable: {_summarise_skipped(images.skipped)}")
+    return items
+
+
+def folder_images(
+    directory: str | Path, limit: int | None = None, recursive: bool = True
+) -> tuple[list[ImageItem], list[SkippedFile]]:
+    """The images of a folder, decoded (`list_folder`), and every file left out.
+
+    ``limit`` keeps the first N files. Raises DataError if none decodes.
+    """
+    images = select(list_folder(directory, recursive), limit)
+    items = list(images)
+    if not items:
+        raise no_valid_images(images, f"data folder {Path(directory).expanduser()}")
+    return items, images.skipped

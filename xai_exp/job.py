@@ -13,6 +13,7 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,35 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from xai_exp.cache import ExplanationCache
-from xai_exp.config import StudyConfig, validate
-from xai_exp.data import ImageItem, SkippedFile, bundled_images, check_folder, folder_images
+from xai_exp.config import (
+    ConfigError,
+    StudyConfig,
+    honour_data_dir,
+    ignored_overrides,
+    overlay_cap,
+    validate,
+)
+from xai_exp.data import (
+    DataError,
+    ImageSet,
+    SkippedFile,
+    check_folder,
+    no_valid_images,
+    open_images,
+)
 from xai_exp.errors import describe
 from xai_exp.explainers.cam import check_method
 from xai_exp.explainers.lime import check_segmentation
 from xai_exp.files import atomic_write_text
+from xai_exp.labels import ClassIndex
 from xai_exp.models import Classifier, load_classifier, resolve_device
-from xai_exp.outputs import ResultsWriter, explanation_params, write_run_files
+from xai_exp.outputs import (
+    OVERLAYS,
+    OverlayPlan,
+    ResultsWriter,
+    explanation_params,
+    write_run_files,
+)
 from xai_exp.pipeline import Study, library_versions, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
 from xai_exp.signals import deferred, shielded
@@ -59,15 +81,50 @@ class JobContext:
     choices: Mapping[str, str] = field(default_factory=dict)
 
 
-def load_images(cfg: StudyConfig) -> tuple[list[ImageItem], list[SkippedFile]]:
-    """The configured images, or a DataError before any compute."""
-    if cfg.data.source == "folder":
-        assert cfg.data.dir is not None  # validate() guarantees it
-        items, skipped = folder_images(cfg.data.dir, limit=cfg.data.limit)
-        for file in skipped:
+class SkipReporter:
+    """Logs skipped files: the first `shown` one line each, then one line for the rest."""
+
+    def __init__(self, shown: int = 10) -> None:
+        self.shown = shown
+        self.count = 0
+
+    def __call__(self, file: SkippedFile) -> None:
+        self.count += 1
+        if self.count <= self.shown:
             log.warning("skipped %s: %s", file.path, file.reason)
-        return items, skipped
-    return bundled_images(limit=cfg.data.limit), []
+
+    def close(self) -> None:
+        """The line for the files not shown."""
+        if self.count > self.shown:
+            log.warning(
+                "skipped %d more files; every skipped file is in skipped_files.csv",
+                self.count - self.shown,
+            )
+
+
+def report_labels(images: ImageSet, classes: ClassIndex, arch: str, shown: int = 10) -> None:
+    """One warning per label the model's classes do not have, and one for manifest conflicts."""
+    unknown = [
+        (label, names) for label, names in images.labels().items() if classes.lookup(label) is None
+    ]
+    for label, names in unknown[:shown]:
+        log.warning(
+            "label %r (%d image%s, e.g. %s) is unknown to %s (%s); explained without a true class",
+            label,
+            len(names),
+            "" if len(names) == 1 else "s",
+            names[0],
+            arch,
+            classes.why_unknown(label),
+        )
+    if len(unknown) > shown:
+        log.warning("%d more labels are unknown to %s", len(unknown) - shown, arch)
+    if images.label_conflicts:
+        log.warning(
+            "%d manifest labels differ from their class folder's (e.g. %s); the folder's is used",
+            len(images.label_conflicts),
+            images.label_conflicts[0],
+        )
 
 
 def git_commit() -> str | None:
@@ -108,13 +165,15 @@ def describe_setting(cfg: StudyConfig) -> str:
     if lime.seed != default.seed:
         parts.append(f"seed{lime.seed}")
     if cfg.method.target_class is not None:
-        parts.append(f"class{cfg.method.target_class}")
+        parts.append(f"class{str(cfg.method.target_class).lower()}")
     if cfg.precision != "fp32":
         parts.append(cfg.precision)
     parts.append(cfg.model.arch)
     parts.append(
         Path(cfg.data.dir).name if cfg.data.source == "folder" and cfg.data.dir else "bundled"
     )
+    if cfg.data.num_shards > 1:
+        parts.append(f"shard{cfg.data.shard}of{cfg.data.num_shards}")
     return "-".join(parts)
 
 
@@ -211,27 +270,25 @@ def config_yaml(cfg: StudyConfig) -> str:
 
 
 class ImageLogger:
-    """`ResultsWriter` hook: uploads each overlay at once and keeps the per-image series.
+    """`ResultsWriter` hook: keeps the per-image series, logged in batches by `flush`.
 
-    The series are logged by `flush`, after the run-level metrics, because MLflow's run page
-    lists metrics in the order they were logged: the run's result comes first.
+    They are logged after the run-level metrics because MLflow's run page lists metrics in the
+    order they were logged: the run's result comes first.
     """
 
     def __init__(self, run: RunLogger) -> None:
         self.run = run
         self.series: list[tuple[int, dict[str, float | bool | None]]] = []
 
-    def __call__(self, index: int, result: ImageResult, overlay: Path | None) -> None:
-        if overlay is not None:
-            self.run.log_artifact(overlay, "overlays")
-        values = {spec.image_metric: result.values.get(name) for name, spec in METRICS.items()}
+    def __call__(self, index: int, result: ImageResult) -> None:
+        values = {spec.image_metric: result.values[name] for name, spec in METRICS.items()
+                  if result.values.get(name) is not None}  # fmt: skip
         self.series.append((index, values))
 
     def flush(self) -> None:
-        """Log the kept series (step = image index); safe to call twice."""
+        """Log the kept series (step = image index) in batches; safe to call twice."""
         series, self.series = self.series, []
-        for index, values in series:
-            self.run.log_metrics(values, step=index)
+        self.run.log_series(series)
 
 
 def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) -> str:
@@ -268,16 +325,19 @@ def log_results(
             )
     for path in files:
         run.log_artifact(path)
+    if files:
+        run.log_artifacts(files[0].parent / OVERLAYS, OVERLAYS)
     table = pd.DataFrame([r.row() for r in results], columns=list(csv_columns()))
     run.log_table(table.astype(object).where(table.notna(), None), "results_table.json")
 
 
 def log_partial(run: RunLogger, writer: ResultsWriter | None, error: BaseException) -> None:
-    """Keep what finished before a failure: the results so far and the reason."""
+    """Keep what finished before a failure: the results and overlays so far, and the reason."""
     try:
         run.set_tags({"error": describe(error, 500)})
         if writer is not None:
             run.log_artifact(writer.csv_path)
+            run.log_artifacts(writer.out_dir / OVERLAYS, OVERLAYS)
     except Exception as upload_error:  # noqa: BLE001 - never mask the original failure
         log.warning("could not log partial results: %s", describe(upload_error))
 
@@ -317,7 +377,20 @@ def check_config(cfg: StudyConfig) -> Classifier:
     resolve_device(cfg.device)
     if cfg.data.source == "folder" and cfg.data.dir is not None:
         check_folder(cfg.data.dir)
+        manifest = cfg.data.manifest
+        if manifest and not Path(manifest).expanduser().is_file():
+            raise DataError(f"data.manifest={manifest} is not a file (a CSV of file,label rows)")
     return load_classifier(cfg.model, cfg.device)
+
+
+def check_overrides(cfg: StudyConfig, context: JobContext) -> None:
+    """Overrides the composed config would ignore: an error, or a warning in a sweep (where
+    another job of the sweep may use them)."""
+    problems = ignored_overrides(cfg, context.task_overrides)
+    if problems and not context.multirun:
+        raise ConfigError("; ".join(problems))
+    for problem in problems:
+        log.warning("%s", problem)
 
 
 def execute(cfg: StudyConfig, context: JobContext) -> float:
@@ -328,10 +401,13 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     failure is recorded in it as FAILED (KILLED on an interrupt) with the reason, and the
     images finished so far are kept. A run in which no image could be compared is FAILED.
     """
+    honour_data_dir(cfg, context.task_overrides)
     validate(cfg)  # values and ranges, before the store is touched
+    check_overrides(cfg, context)
     tracking = cfg.tracking
     store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
     classifier = check_config(cfg)
+    images = open_images(cfg.data)  # listed, not read: listing problems refuse the run
     cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     study = Study(cfg, classifier, cache)
     out_dir = Path(context.output_dir)
@@ -343,26 +419,42 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     try:
         with deferred():  # an interrupt while the run is created arrives once it can be closed
             run = start_run(store, cfg, context, out_dir) if store is not None else None
-        items, skipped = load_images(cfg)
         if run is not None:
             run.set_tags(model_tags(classifier))
+        reporter = SkipReporter()
+        for file in images.skipped:
+            reporter(file)
+        images.on_skip = reporter
+        report_labels(images, study.classes, classifier.arch)
         hook = ImageLogger(run) if run is not None else None
         writer = ResultsWriter(
-            out_dir, cfg.method.name, hook, setting=describe_setting(cfg), plots=cfg.plots
+            out_dir,
+            cfg.method.name,
+            hook,
+            setting=describe_setting(cfg),
+            plots=cfg.plots,
+            overlays=OverlayPlan(overlay_cap(cfg.outputs.overlays), len(images)),
         )
-        results = run_study(study, items, on_result=writer, progress=cfg.progress)
+        seconds: dict[str, float] = {}
+        results = run_study(study, images, writer, cfg.progress, seconds)
+        reporter.close()
+        if not results:
+            raise no_valid_images(images, cfg.data.dir or "the bundled photos")
+        started = time.perf_counter()
         summary = {
             **summary_metrics(results),
-            "n_skipped_files": len(skipped),
+            "n_skipped_files": len(images.skipped),
             "explanations_computed": study.computed,
             "explanations_reused": study.reused,
+            **{f"seconds_{phase}": value for phase, value in seconds.items()},
         }
         params = explanation_params(cfg, classifier, study.versions)
-        files = write_run_files(writer, params, summary, skipped)
+        files = write_run_files(writer, params, summary, images.skipped)
         if run is not None and hook is not None:
             log_results(run, cfg.method.name, summary, files, results)
             hook.flush()
             run.set_tags({"mlflow.note.content": run_note(cfg, summary, files)})
+            run.log_metrics({"seconds_finishing": time.perf_counter() - started})
         if results and summary["n_compared"] == 0:
             raise NothingComparedError(
                 f"no image could be compared ({summary['n_flagged']} flagged, "

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import heapq
 import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from xai_exp import plots
 from xai_exp.config import PlotsConfig, StudyConfig
@@ -23,9 +26,10 @@ from xai_exp.models import Classifier
 from xai_exp.results import ImageResult, Status, csv_columns
 
 RESULTS_CSV = "results.csv"
+OVERLAYS = "overlays"  # the folder of per-image overlay figures
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
-ImageHook = Callable[[int, ImageResult, Path | None], None]
+ImageHook = Callable[[int, ImageResult], None]
 
 
 def inert_cell(value: Any) -> Any:
@@ -35,11 +39,59 @@ def inert_cell(value: Any) -> Any:
     return value
 
 
-class ResultsWriter:
-    """Writes each image's CSV row and overlay as soon as it is done.
+class OverlayPlan:
+    """Which images get an overlay file, decided while the images stream past.
 
-    `on_image(index, result, overlay_path)` is called after the files are written (the job
-    logs them to MLflow there). Arrays are dropped afterwards, so memory stays flat.
+    With `cap` None (all) or at most `cap` images, every one. Past the cap: a third of it for
+    the highest IoUs, a third for the lowest, the rest a fixed random sample of image indices
+    (seeded). An extreme is drawn when it enters the running top or bottom and its file is
+    deleted when it drops out, so neither memory nor disk grows with the number of images.
+    """
+
+    def __init__(self, cap: int | None, total: int, seed: int = 0) -> None:
+        self.every = cap is None or total <= cap
+        self.none = cap == 0
+        self.side = 0 if self.every or cap is None else cap // 3
+        sample = 0 if self.every or cap is None else cap - 2 * self.side
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(total, size=min(sample, total), replace=False) if sample else ()
+        self.sampled = {int(index) for index in chosen}
+        self.highest: list[tuple[float, int, Path]] = []  # min-heaps: the worst kept on top
+        self.lowest: list[tuple[float, int, Path]] = []
+        self.holders: dict[Path, int] = {}
+
+    def offer(self, index: int, iou: float | None, draw: Callable[[], Path]) -> None:
+        """Draw the image's overlay (`draw`) when the plan keeps it, and drop what falls out."""
+        if self.none:
+            return
+        kept = int(self.every or index in self.sampled)
+        entering = []
+        if iou is not None and self.side:
+            for heap, key in ((self.highest, iou), (self.lowest, -iou)):
+                if len(heap) < self.side or key > heap[0][0]:
+                    entering.append((heap, key))
+        if not kept and not entering:
+            return
+        path = draw()
+        self.holders[path] = kept + len(entering)
+        for heap, key in entering:
+            if len(heap) < self.side:
+                heapq.heappush(heap, (key, -index, path))
+            else:
+                self._release(heapq.heapreplace(heap, (key, -index, path))[2])
+
+    def _release(self, path: Path) -> None:
+        self.holders[path] -= 1
+        if self.holders[path] == 0:
+            del self.holders[path]
+            path.unlink(missing_ok=True)
+
+
+class ResultsWriter:
+    """Writes each image's CSV row, and its overlay when the `OverlayPlan` keeps it.
+
+    `on_image(index, result)` is called after the files are written. Arrays are dropped
+    afterwards, so memory stays flat.
     """
 
     def __init__(
@@ -49,12 +101,14 @@ class ResultsWriter:
         on_image: ImageHook | None = None,
         setting: str = "",
         plots: PlotsConfig | None = None,
+        overlays: OverlayPlan | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.method = method
         self.on_image = on_image
         self.setting = setting or f"{method} vs LIME"
         self.plots = plots or PlotsConfig()
+        self.overlays = overlays or OverlayPlan(None, 0)
         self.csv_path = out_dir / RESULTS_CSV
         self.results: list[ImageResult] = []
         self.curves: dict[str, list[FaithfulnessCurves]] = {}  # per map source, for the plot
@@ -70,16 +124,18 @@ class ResultsWriter:
         }
         with self.csv_path.open("a", newline="", encoding="utf-8") as file:
             csv.DictWriter(file, fieldnames=self.columns).writerow(row)
-        overlay = None
         if result.status != Status.ERROR:
-            overlay = self.figure_path(f"overlays/{result.artifact_stem}")
-            figure = plots.overlay_figure(result, self.method)
-            plots.save_figure(figure, overlay, self.plots.dpi)
+            self.overlays.offer(index, result.iou, lambda: self._draw(result))
         for source, curves in result.arrays.get("faithfulness", {}).items():
             self.curves.setdefault(source, []).append(curves)
         if self.on_image is not None:
-            self.on_image(index, result, overlay)
+            self.on_image(index, result)
         result.arrays.clear()
+
+    def _draw(self, result: ImageResult) -> Path:
+        path = self.figure_path(f"{OVERLAYS}/{result.artifact_stem}")
+        plots.save_figure(plots.overlay_figure(result, self.method), path, self.plots.dpi)
+        return path
 
     def figure_path(self, name: str) -> Path:
         """Where a figure of this run goes, in the configured format."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from xai_exp.agreement import curve_area
 from xai_exp.cache import ExplanationCache, cache_key
-from xai_exp.config import ConfigError, StudyConfig
+from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, target_choice
 from xai_exp.data import ImageItem
 from xai_exp.errors import describe
 from xai_exp.explainers import lime as lime_explainer
 from xai_exp.explainers.cam import compute_cam
 from xai_exp.faithfulness import FaithfulnessCurves, deletion_insertion
 from xai_exp.inference import prepare_for_inference
+from xai_exp.labels import ClassIndex
 from xai_exp.masks import (
     DegenerateMapError,
     cam_top_fraction_mask,
@@ -93,8 +94,9 @@ class Study:
         self.versions = library_versions()
         self.computed = 0
         self.reused = 0
-        target = cfg.method.target_class
-        if target is not None and target >= len(classifier.labels):
+        self.classes = ClassIndex(classifier.labels)
+        self.target = target = target_choice(cfg.method.target_class)
+        if isinstance(target, int) and target >= len(classifier.labels):
             raise ConfigError(
                 f"method.target_class={target} is out of range: the model has "
                 f"{len(classifier.labels)} classes (0..{len(classifier.labels) - 1})"
@@ -319,8 +321,22 @@ class Study:
         result.predicted_class = int(np.argmax(probabilities))
         result.predicted_label = self.classifier.label(result.predicted_class)
         result.probability = float(probabilities[result.predicted_class])
-        configured = self.cfg.method.target_class
-        target = result.predicted_class if configured is None else int(configured)
+        if item.label is not None:
+            true_class = self.classes.lookup(item.label)
+            result.true_class = true_class
+            result.true_label = (
+                item.label if true_class is None else self.classifier.label(true_class)
+            )
+        if result.true_class is not None:
+            result.values["correct"] = result.predicted_class == result.true_class
+        if self.target == TRUE_CLASS:
+            if result.true_class is None:
+                result.status = Status.FLAGGED
+                result.reason = "no known true class to explain (method.target_class=true)"
+                return result
+            target = result.true_class
+        else:
+            target = result.predicted_class if self.target is None else int(self.target)
         result.target_class = target
         result.target_label = self.classifier.label(target)
 
@@ -396,13 +412,27 @@ def run_study(
     items: Iterable[ImageItem],
     on_result: Callable[[int, ImageResult], None] | None = None,
     progress: bool = True,
+    seconds: dict[str, float] | None = None,
 ) -> list[ImageResult]:
-    """Explain every image; a failure in one image is recorded and the others go on."""
-    items = list(items)
-    results = []
-    bar = tqdm(items, desc="explaining", unit="image", disable=not progress, leave=False)
-    for index, item in enumerate(bar):
-        bar.set_postfix_str(item.name[:30])
+    """Explain every image as it arrives; one failing image is recorded and the others go on.
+
+    `items` may be a stream (an `ImageSet` decodes while it is iterated). `seconds`, when
+    given, accumulates the wall time spent ``loading`` (waiting for the next image),
+    ``explaining`` and ``writing`` (`on_result`).
+    """
+    spent = {"loading": 0.0, "explaining": 0.0, "writing": 0.0} if seconds is None else seconds
+    for phase in ("loading", "explaining", "writing"):
+        spent.setdefault(phase, 0.0)
+    total = len(items) if isinstance(items, Sized) else None
+    results: list[ImageResult] = []
+    bar = tqdm(total=total, desc="explaining", unit="image", disable=not progress, leave=False)
+    stream = iter(items)
+    clock = time.perf_counter()
+    for index, item in enumerate(stream):
+        now = time.perf_counter()
+        spent["loading"] += now - clock
+        clock = now
+        bar.set_postfix_str(item.name[-30:])
         try:
             result = study.explain(item)
         except (KeyboardInterrupt, ConfigError):
@@ -416,6 +446,14 @@ def run_study(
                 reason=describe(error, 500),
             )
         results.append(result)
+        now = time.perf_counter()
+        spent["explaining"] += now - clock
+        clock = now
         if on_result is not None:
             on_result(index, result)
+        bar.update()
+        now = time.perf_counter()
+        spent["writing"] += now - clock
+        clock = now
+    bar.close()
     return results

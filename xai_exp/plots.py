@@ -79,7 +79,15 @@ def overlay_figure(result: ImageResult, method: str) -> Figure:
     figure = new_figure(16, 4.4)
     axes = figure.subplots(1, 4)
     axes[0].imshow(image)
-    axes[0].set_title(plain_text(f"predicted: {result.predicted_label} ({result.probability:.0%})"))
+    title = f"predicted: {result.predicted_label} ({result.probability:.0%})"
+    if result.true_label:
+        verdict = (
+            ""
+            if result.true_class is None
+            else (" (right)" if result.true_class == result.predicted_class else " (wrong)")
+        )
+        title += f"\ntrue: {result.true_label}{verdict}"
+    axes[0].set_title(plain_text(title))
     axes[1].imshow(image)
     if "cam" in arrays:
         shown = axes[1].imshow(arrays["cam"], cmap="jet", alpha=0.5, vmin=0, vmax=1)
@@ -117,28 +125,45 @@ def overlay_figure(result: ImageResult, method: str) -> Figure:
     return figure
 
 
+BAR_CHART_MAX = 40  # more images than this: a sorted IoU profile without per-image labels
+
+
 def iou_bar_chart(results: Sequence[ImageResult], setting: str) -> Figure:
-    """IoU per image, highest first, with the mean as a line; flagged or failed images last."""
+    """IoU per image, highest first, with the mean as a line; flagged or failed images last.
+
+    Past `BAR_CHART_MAX` images the bars become a sorted profile (x: image rank) whose names
+    are in results.csv: a figure stays readable, and its size bounded, at any image count.
+    """
     ordered = sorted(results, key=lambda r: -r.iou if r.iou is not None else math.inf)
     names = [plain_text(r.name) for r in ordered]
     values = [r.iou if r.iou is not None else math.nan for r in ordered]
-    figure = new_figure(max(6, 0.9 * len(names) + 2), 4)
+    many = len(names) > BAR_CHART_MAX
+    figure = new_figure(10 if many else max(6, 0.9 * len(names) + 2), 4)
     axis = figure.add_subplot()
-    axis.bar(range(len(names)), np.nan_to_num(values, nan=0.0), color="tab:blue")
-    for index, value in enumerate(values):
-        axis.text(
-            index,
-            (0 if math.isnan(value) else value) + 0.01,
-            "n/a" if math.isnan(value) else f"{value:.2f}",
-            ha="center",
-            fontsize=8,
+    if many:
+        finite_count = sum(not math.isnan(v) for v in values)
+        axis.fill_between(range(finite_count), values[:finite_count], color="tab:blue", step="mid")
+        axis.set_xlim(0, max(1, len(values) - 1))
+        axis.set_xlabel(
+            f"{len(values)} images by IoU rank ({len(values) - finite_count} without IoU last; "
+            "names in results.csv)"
         )
+    else:
+        axis.bar(range(len(names)), np.nan_to_num(values, nan=0.0), color="tab:blue")
+        for index, value in enumerate(values):
+            axis.text(
+                index,
+                (0 if math.isnan(value) else value) + 0.01,
+                "n/a" if math.isnan(value) else f"{value:.2f}",
+                ha="center",
+                fontsize=8,
+            )
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
     finite = [v for v in values if not math.isnan(v)]
     if finite:
         mean = float(np.mean(finite))
         axis.axhline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
         axis.legend(loc="upper right")
-    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("IoU (CAM mask vs LIME mask)")
     axis.set_title(plain_text(f"IoU per image: {setting}"), fontsize=10)

@@ -135,7 +135,8 @@ class MetricSpec:
     """One per-image metric: its name, meaning, direction, summary and producer.
 
     `compute` is None for the values the pipeline itself sets (IoU, timings). `requires` names
-    the ``metrics.<flag>`` config switch that turns the metric on (None: always on).
+    the ``metrics.<flag>`` config switch that turns the metric on (None: always on). An
+    `optional` metric (every computed one is) is reported only when some image has a value.
     """
 
     name: str
@@ -145,6 +146,12 @@ class MetricSpec:
     compute: Callable[[Evidence], Value] | None = None
     requires: str | None = None
     summary_names: Mapping[Stat, str] = field(default_factory=dict)
+    optional: bool = False
+
+    @property
+    def reported_when_missing(self) -> bool:
+        """Whether its run metrics appear (as NaN) when no image has a value."""
+        return self.compute is None and not self.optional
 
     def run_metric(self, stat: Stat) -> str:
         """Run-level MLflow metric name of one statistic, e.g. ``mean_iou``."""
@@ -236,6 +243,8 @@ RECORD_COLUMNS = (
     "predicted_class",
     "predicted_label",
     "probability",
+    "true_class",
+    "true_label",
     "target_class",
     "target_label",
     "cam_mask_fraction",
@@ -252,6 +261,14 @@ for _spec in (
         "IoU of the CAM mask and the LIME mask at the threshold",
         Direction.HIGHER,
         stats=(Stat.MEAN, Stat.MEDIAN, Stat.STD),
+    ),
+    MetricSpec(
+        "correct",
+        "the predicted class is the image's true class (images with a known true class)",
+        Direction.HIGHER,
+        stats=(Stat.RATE,),
+        summary_names={Stat.RATE: "top1_accuracy"},
+        optional=True,
     ),
     MetricSpec("cam_seconds", "seconds for the CAM map", Direction.LOWER),
     MetricSpec("lime_seconds", "seconds for LIME, superpixels included", Direction.LOWER),
@@ -344,6 +361,8 @@ class ImageResult:
     predicted_class: int = -1
     predicted_label: str = ""
     probability: float = math.nan
+    true_class: int | None = None  # None: no label, or one the model's classes do not have
+    true_label: str = ""  # the model's name for the true class, else the label as found
     target_class: int = -1
     target_label: str = ""
     cam_mask_fraction: float = math.nan
@@ -380,7 +399,7 @@ def summary_metrics(results: list[ImageResult]) -> dict[str, float]:
     summary: dict[str, float] = {}
     for spec in METRICS.values():
         values = [r.values.get(spec.name) for r in results]
-        if spec.compute is not None and all(v is None for v in values):
+        if not spec.reported_when_missing and all(v is None for v in values):
             continue
         found = summarize(v if v is None else float(v) for v in values)
         for stat in spec.stats:

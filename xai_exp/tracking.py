@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "role"  # "sweep" on a sweep's parent run
-BATCH = 100
+BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
+METRIC_BATCH = 1000  # its limit of metrics per call
 
 
 class TrackingError(RuntimeError):
@@ -365,6 +366,23 @@ class RunLogger:
         ]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, metrics=items[start : start + BATCH])
+
+    def log_series(self, rows: Sequence[tuple[int, Mapping[str, float | bool | None]]]) -> None:
+        """Per-step metrics of many steps, batched across steps (NaN and None skipped)."""
+        stamp = _now_ms()
+        items = [
+            Metric(key, float(value), stamp, step)
+            for step, metrics in rows
+            for key, value in metrics.items()
+            if value is not None and math.isfinite(float(value))
+        ]
+        for start in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start : start + METRIC_BATCH])
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        """Upload a local folder's files (nothing when it is missing or empty)."""
+        if folder.is_dir() and any(folder.iterdir()):
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload one local file."""
