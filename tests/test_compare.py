@@ -142,6 +142,29 @@ def test_every_setting_that_changes_results_is_its_own_row(tracking_store, make_
     assert ">0.200<" in grid
 
 
+def test_report_grid_of_a_large_study_shows_where_settings_disagree(tracking_store, make_study_run):
+    store = tracking_store
+    client, exp = store.client, store.experiment_id
+    names = [f"img{n:03d}" for n in range(130)]
+    low = {name: 0.3 for name in names}
+    high = {name: 0.3 + (0.5 if n % 13 == 0 else 0.01 * (n % 7)) for n, name in enumerate(names)}
+    for fraction, ious in ((0.1, low), (0.2, high)):
+        images = [FakeImage(name, iou) for name, iou in ious.items()]
+        make_study_run(client, exp, images, cam_top_fraction=fraction)
+    out = store.root / "out"
+    cmp.compare(store.uri, EXPERIMENT, None, out)
+    every = pd.read_csv(out / cmp.GRID_NAME, index_col="image")
+    assert len(every) == 130  # the CSV holds every image
+    page = (out / cmp.HTML_NAME).read_text(encoding="utf-8")
+    grid = page[page.index("IoU per image and setting") :]
+    assert "100 of 130 images" in grid
+    shown = [name for name in names if f"<th>{name}</th>" in grid]
+    assert len(shown) == 100
+    assert {names[n] for n in range(0, 130, 13)} <= set(shown)  # the widest spread first
+    spread = {name: high[name] - low[name] for name in names}
+    assert min(spread[n] for n in shown) >= max(spread[n] for n in names if n not in shown)
+
+
 def test_metric_history_stands_in_for_a_missing_results_csv(tracking_store, make_study_run):
     store = tracking_store
     make_study_run(
@@ -189,7 +212,7 @@ def test_report_is_self_contained_with_best_and_worst_overlays(tracking_store, m
     out = store.root / "report"
     comparison = cmp.compare(store.uri, out_dir=out)
 
-    assert set(comparison.files) == {"csv", "plot", "html"}
+    assert set(comparison.files) == {"csv", "grid", "plot", "html"}
     for name in (cmp.CSV_NAME, cmp.PLOT_NAME, cmp.HTML_NAME):
         assert (out / name).is_file()
     with Image.open(out / cmp.PLOT_NAME) as plot:
@@ -269,6 +292,7 @@ def test_parent_scope_compares_children_and_logs_files_to_parent(tracking_store,
     logged = {f.path for f in store.client.list_artifacts(parent, "comparison")}
     assert logged == {
         "comparison/comparison.csv",
+        "comparison/iou_per_image.csv",
         "comparison/iou_vs_threshold.png",
         "comparison/report.html",
     }
@@ -298,10 +322,10 @@ def test_log_comparison_to_parent_for_the_sweep_callback(
     row = comparison.table.iloc[0]
     assert (row["runs"], row["mean_iou"]) == (2, pytest.approx(0.3))
     logged = {f.path for f in store.client.list_artifacts(parent.run_id, "comparison")}
-    assert len(logged) == 3
+    assert len(logged) == 4
     if sweep_dir is not None:
         assert sorted(p.name for p in (sweep_dir / "comparison").iterdir()) == [
-            "comparison.csv", "iou_vs_threshold.png", "report.html",
+            "comparison.csv", "iou_per_image.csv", "iou_vs_threshold.png", "report.html",
         ]  # fmt: skip
 
 
@@ -404,11 +428,12 @@ def test_real_sweep_logs_comparison_to_its_parent(tmp_path, tiny_study_overrides
     assert "could not log the sweep comparison" not in result.stderr
 
     parent_id = json.loads((sweep_dir / "mlflow_parent.json").read_text())["run_id"]
-    for name in (cmp.CSV_NAME, cmp.PLOT_NAME, cmp.HTML_NAME):
+    names = (cmp.CSV_NAME, cmp.GRID_NAME, cmp.PLOT_NAME, cmp.HTML_NAME)
+    for name in names:
         assert (sweep_dir / "comparison" / name).is_file()
     client = open_store(uri)
     logged = {f.path for f in client.list_artifacts(parent_id, "comparison")}
-    assert logged == {f"comparison/{n}" for n in (cmp.CSV_NAME, cmp.PLOT_NAME, cmp.HTML_NAME)}
+    assert logged == {f"comparison/{n}" for n in names}
 
     table = pd.read_csv(sweep_dir / "comparison" / cmp.CSV_NAME)
     assert sorted(table["cam_top_fraction"]) == [0.05, 0.1]

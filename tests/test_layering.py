@@ -7,6 +7,7 @@ CORE = [
     "xai_exp.config",
     "xai_exp.models",
     "xai_exp.data",
+    "xai_exp.labels",
     "xai_exp.explainers.cam",
     "xai_exp.explainers.fast_cam",
     "xai_exp.explainers.lime",

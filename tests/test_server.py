@@ -138,6 +138,7 @@ def test_compare_command_reads_a_tracking_server(sqlite_server, tmp_path, make_s
     logged = {f.path for f in client.list_artifacts(parent_id, "comparison")}
     assert logged == {
         "comparison/comparison.csv",
+        "comparison/iou_per_image.csv",
         "comparison/iou_vs_threshold.png",
         "comparison/report.html",
     }

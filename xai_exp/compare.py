@@ -86,6 +86,7 @@ IOU_COLUMNS = ("mean_iou", "std_iou", "min_iou", "max_iou")
 CSV_NAME = "comparison.csv"
 PLOT_NAME = "iou_vs_threshold.png"
 HTML_NAME = "report.html"
+GRID_NAME = "iou_per_image.csv"  # IoU per image (rows) and setting (columns)
 ARTIFACT_DIR = "comparison"
 
 
@@ -460,7 +461,7 @@ def write_outputs(
     meta: Sequence[str],
     tracking_uri: str = "",
 ) -> dict[str, Path]:
-    """comparison.csv, iou_vs_threshold.png and report.html in `out_dir`."""
+    """comparison.csv, iou_per_image.csv, iou_vs_threshold.png and report.html in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / CSV_NAME
     comparison.table.to_csv(csv_path, index=False)
@@ -485,11 +486,12 @@ def write_outputs(
         )
         for kind, row in gallery_rows(comparison.images[finished_rows])
     ]
-    page = render_html(
-        title, meta, comparison.table, plot_path.read_bytes(), gallery, iou_grid(comparison)
-    )
+    grid = iou_grid(comparison)
+    grid_path = out_dir / GRID_NAME
+    grid.to_csv(grid_path)
+    page = render_html(title, meta, comparison.table, plot_path.read_bytes(), gallery, grid)
     html_path = atomic_write_text(out_dir / HTML_NAME, page)
-    comparison.files = {"csv": csv_path, "plot": plot_path, "html": html_path}
+    comparison.files = {"csv": csv_path, "grid": grid_path, "plot": plot_path, "html": html_path}
     return comparison.files
 
 

@@ -112,10 +112,28 @@ def _gallery(title: str, items: Sequence[GalleryItem]) -> str:
     return f'<h2>{html.escape(title)}</h2>\n<div class="gallery">\n{figures}\n</div>'
 
 
+GRID_ROWS = 100  # images shown in the report's IoU grid; every one is in iou_per_image.csv
+
+
+def grid_rows(grid: pd.DataFrame, size: int = GRID_ROWS) -> pd.DataFrame:
+    """The `size` images whose IoU varies most across settings (all when there are fewer)."""
+    if len(grid) <= size:
+        return grid
+    spread = (grid.max(axis=1) - grid.min(axis=1)).fillna(-1.0)
+    return grid.loc[spread.sort_values(ascending=False, kind="mergesort").index[:size]]
+
+
 def _grid(grid: pd.DataFrame | None) -> str:
-    """Images as rows, compared settings as columns, IoU shaded by value."""
+    """Images as rows, compared settings as columns, IoU shaded by value (`grid_rows`)."""
     if grid is None or grid.empty:
         return ""
+    total, grid = len(grid), grid_rows(grid)
+    note = (
+        f'<p class="meta">{len(grid)} of {total} images: those whose IoU varies most across '
+        "settings. Every image is in <code>iou_per_image.csv</code>.</p>\n"
+        if len(grid) < total
+        else ""
+    )
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in grid.columns)
     rows = []
     for image, values in grid.iterrows():
@@ -128,7 +146,7 @@ def _grid(grid: pd.DataFrame | None) -> str:
                 cells.append(f'<td style="background: {shade}">{float(value):.3f}</td>')
         rows.append(f"<tr><th>{html.escape(str(image))}</th>{''.join(cells)}</tr>")
     return (
-        "<h2>IoU per image and setting</h2>\n"
+        f"<h2>IoU per image and setting</h2>\n{note}"
         '<div class="table-wrap"><table class="comparison grid">'
         f"<thead><tr><th>image</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
