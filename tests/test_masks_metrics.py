@@ -13,6 +13,7 @@ from xai_exp.masks import (
     cam_top_fraction_mask,
     lime_area_matched_mask,
     lime_top_k_mask,
+    signal_fraction,
 )
 from xai_exp.metrics import iou, summarize
 
@@ -34,10 +35,25 @@ def test_cam_mask_covers_requested_area_up_to_one_tie_group(cam, fraction):
         return
     mask = cam_top_fraction_mask(cam, fraction)
     wanted = max(1, math.ceil(fraction * cam.size - 1e-9))
+    if (cam > cam.min()).sum() < wanted:  # too little signal: the mask is the signal alone
+        assert np.array_equal(mask, cam > cam.min())
+        return
     cut = cam[mask].min()
     ties = int((cam == cut).sum())
     assert wanted <= mask.sum() <= wanted + ties - 1
     assert (cam[mask] >= cam[~mask].max(initial=-np.inf)).all()  # every kept pixel outranks
+
+
+def test_a_zero_plateau_never_fills_the_cam_mask():
+    cam = np.zeros((20, 20), dtype=np.float32)
+    cam[:3, :6] = np.linspace(0.1, 1.0, 18).reshape(3, 6)  # 18 of 400 pixels: 4.5% positive
+    mask = cam_top_fraction_mask(cam, 0.10)
+    assert mask.sum() == 18  # the signal, not the whole image
+    assert np.array_equal(mask, cam > 0)
+    assert signal_fraction(cam) == pytest.approx(0.045)
+    shifted = cam - 3.0  # a minimum plateau below zero is no signal either
+    assert np.array_equal(cam_top_fraction_mask(shifted, 0.10), mask)
+    assert cam_top_fraction_mask(cam, 0.04).sum() == 16  # enough signal: the top 4% as asked
 
 
 @given(masks, masks)

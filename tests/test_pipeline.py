@@ -88,6 +88,22 @@ def test_dead_model_is_flagged_not_thresholded():
     assert "cam_mask" not in result.arrays
 
 
+def test_a_cam_with_little_signal_gives_the_signal_as_mask_and_says_so(monkeypatch):
+    sparse = np.zeros((32, 32), dtype=np.float32)
+    sparse[:4, :12] = np.linspace(0.1, 1.0, 48).reshape(4, 12)  # 48 of 1024 pixels: 4.7%
+    monkeypatch.setattr(Study, "_cam_map", lambda self, classifier, view, target: sparse)
+    study = Study(config(0.1), tiny_classifier(), ExplanationCache(enabled=False))
+    [result] = run_study(study, IMAGES[:1], progress=False)
+    assert result.cam_mask_fraction == pytest.approx(48 / 1024)  # not the whole image
+    assert result.values["cam_mask_short"] is True
+    assert "CAM signal covers 4.7% of the pixels, under the top 10% asked" in result.reason
+    assert result.iou is not None
+    monkeypatch.undo()
+    [normal] = run_study(Study(config(0.1), tiny_classifier(), ExplanationCache(enabled=False)),
+                         IMAGES[:1], progress=False)  # fmt: skip
+    assert normal.values["cam_mask_short"] is False
+
+
 def test_one_failing_image_does_not_lose_the_others():
     broken = dataclasses.replace(item("broken", 3), image=np.zeros((0, 0, 3), np.uint8))
     study = Study(config(), tiny_classifier(), ExplanationCache(enabled=False))

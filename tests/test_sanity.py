@@ -123,7 +123,76 @@ def test_constant_maps():
         return original if c.model is classifier.model else flat
 
     result = randomisation_check(classifier, collapses)
-    assert result.final_correlation == 0.0
-    assert result.passed is True
+    # a map that became constant ranks nothing: a flagged failure, never a pass
+    assert np.isnan(result.final_correlation)
+    assert result.passed is False
+    assert result.problem == "map degenerates after randomising fc (constant or non-finite)"
     with pytest.raises(ValueError, match="layers"):
         randomisation_check(classifier, lambda _c: original, layers=0)
+
+
+class ZeroOnReset(torch.nn.Linear):
+    """A linear layer whose re-initialisation zeros it: every gradient map after it vanishes."""
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.zeros_(self.weight)
+        torch.nn.init.zeros_(self.bias)
+
+
+def _degenerating_classifier() -> Classifier:
+    classifier = tiny_classifier(0, SIZE)
+    trained = classifier.model.fc
+    classifier.model.fc = ZeroOnReset(trained.in_features, trained.out_features)
+    classifier.model.fc.load_state_dict(trained.state_dict())
+    return classifier
+
+
+def test_a_model_whose_map_degenerates_fails_the_check_in_the_study(tmp_path):
+    from xai_exp.cache import ExplanationCache
+    from xai_exp.config import StudyConfig
+    from xai_exp.data import ImageItem
+    from xai_exp.pipeline import Study, run_study
+
+    classifier = _degenerating_classifier()
+    explain = gradcam_explainer(smooth_image(SIZE, 0), 3)
+    assert np.ptp(explain(classifier)) > 0  # the trained model's map ranks pixels
+    result = randomisation_check(classifier, explain, layers=1)
+    assert result.passed is False
+    assert "map degenerates after randomising fc" in result.problem
+
+    cfg = StudyConfig(progress=False)
+    cfg.metrics.sanity = True
+    cfg.metrics.sanity_layers = 1
+    cfg.method.target_class = 3
+    cfg.lime.num_samples = 20
+    cfg.lime.segmentation.algorithm = "slic"
+    cfg.lime.segmentation.params = {"n_segments": 9, "start_label": 0}
+    study = Study(cfg, classifier, ExplanationCache(tmp_path))
+    item = ImageItem("a", "a", smooth_image(SIZE, 0), "hash-a", "")
+    for _ in range(2):  # computed, then read back from the cache: the same verdict
+        [image] = run_study(study, [item], progress=False)
+        assert image.values["randomisation_passed"] is False
+        assert image.values["randomisation_rho"] is None
+        assert "randomisation check failed: map degenerates after randomising fc" in image.reason
+
+
+class BatchNormAct(torch.nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BatchNorm2d with an activation child."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = torch.nn.ReLU()
+
+
+def test_modules_with_children_are_reset_with_their_running_statistics():
+    from xai_exp.sanity import _randomise
+
+    norm = BatchNormAct(4)
+    with torch.no_grad():
+        norm.weight.fill_(3.0)
+        norm.running_mean.fill_(5.0)
+        norm.running_var.fill_(9.0)
+    _randomise(norm)
+    assert torch.equal(norm.running_mean, torch.zeros(4))
+    assert torch.equal(norm.running_var, torch.ones(4))
+    assert torch.equal(norm.weight.detach(), torch.ones(4))

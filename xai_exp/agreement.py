@@ -28,6 +28,9 @@ def iou_curve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """IoU of the two maps' top-f masks at each fraction f (ties at the cut kept in both masks).
 
+    The masks are `cam_top_fraction_mask`'s: a map's minimum plateau never fills one, so at
+    f = 1 each mask is the pixels above its map's minimum.
+
     Returns (fractions, ious). A constant or non-finite map raises DegenerateMapError.
     """
     if cam.shape != lime_map.shape:

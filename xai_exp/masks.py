@@ -24,7 +24,10 @@ def check_map(values: np.ndarray, name: str = "CAM map") -> None:
 def cam_top_fraction_mask(cam: np.ndarray, fraction: float) -> np.ndarray:
     """Pixels among the top `fraction` of the map; ties at the cut are all kept.
 
-    The mask covers at least ceil(fraction * pixels) pixels and at most one tie group more.
+    The mask covers at least ceil(fraction * pixels) pixels and at most one tie group more,
+    except that pixels at the map's minimum (a ReLU-ed CAM's zero plateau) never fill it: when
+    fewer than `fraction` of the pixels are above the minimum, the mask is exactly those
+    (`signal_fraction` says when).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -32,7 +35,13 @@ def cam_top_fraction_mask(cam: np.ndarray, fraction: float) -> np.ndarray:
     count = max(1, math.ceil(fraction * cam.size - 1e-9))
     flat = cam.ravel()
     cut = np.partition(flat, flat.size - count)[flat.size - count]
-    return cam >= cut
+    lowest = flat.min()
+    return cam > lowest if cut <= lowest else cam >= cut
+
+
+def signal_fraction(cam: np.ndarray) -> float:
+    """Share of the map's pixels above its minimum: what a top-fraction mask can cover."""
+    return float((cam > cam.min()).mean())
 
 
 def lime_top_k_mask(segments: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from xai_exp.masks import (
     check_map,
     lime_area_matched_mask,
     lime_top_k_mask,
+    signal_fraction,
 )
 from xai_exp.metrics import iou
 from xai_exp.models import Classifier, fit_to_input
@@ -277,6 +278,7 @@ class Study:
             kind="sanity",
             explanation=cam_key,
             layers=metrics.sanity_layers,
+            protocol=2,  # 2: Quantus-style resets (running statistics too); degenerate = NaN
             algorithm_version=ALGORITHM_VERSION,
         )
 
@@ -286,16 +288,19 @@ class Study:
                 lambda classifier: self._cam_map(classifier, view, target),
                 layers=metrics.sanity_layers,
             )
-            return {"rho": np.array([rho for _, rho in result.correlations])}
+            return {
+                "rho": np.array([rho for _, rho in result.correlations]),
+                "layers": np.array([name for name, _ in result.correlations]),
+            }
 
-        rho = self._cached("sanity", key, compute, {"rho": (None,)}, count=False).arrays["rho"]
-        final = float(rho[-1])
-        return RandomisationResult(
-            correlations=[("", float(value)) for value in rho],
-            final_correlation=final,
-            threshold=metrics.sanity_threshold,
-            passed=abs(final) < metrics.sanity_threshold,
-        )
+        arrays = self._cached(
+            "sanity", key, compute, {"rho": (None,), "layers": (None,)}, count=False
+        ).arrays
+        steps = [
+            (str(name), float(rho))
+            for name, rho in zip(arrays["layers"], arrays["rho"], strict=True)
+        ]
+        return RandomisationResult.from_correlations(steps, metrics.sanity_threshold)
 
     def _metrics(self, result: ImageResult, evidence: Evidence) -> list[str]:
         """Every registered metric the config switches on; problems become reasons."""
@@ -309,6 +314,9 @@ class Study:
             except DegenerateMapError as error:
                 reasons.append(f"{spec.name}: {error}")
         problems = [f"{label}: {problem}" for label, problem in evidence.problems.items()]
+        check = evidence.computed("sanity")
+        if check is not None and check.problem:
+            reasons.append(f"randomisation check failed: {check.problem}")
         return problems + reasons
 
     # -- one image -----------------------------------------------------------------------
@@ -360,9 +368,17 @@ class Study:
         cam_mask = lime_mask = None
         try:
             check_map(cam)
-            cam_mask = cam_top_fraction_mask(cam, self.cfg.threshold.cam_top_fraction)
+            fraction = self.cfg.threshold.cam_top_fraction
+            cam_mask = cam_top_fraction_mask(cam, fraction)
             result.arrays["cam_mask"] = cam_mask
             result.cam_mask_fraction = float(cam_mask.mean())
+            signal = signal_fraction(cam)
+            result.values["cam_mask_short"] = signal < fraction
+            if signal < fraction:
+                reasons.append(
+                    f"CAM signal covers {signal:.1%} of the pixels, under the top {fraction:.0%} "
+                    "asked: the CAM mask is the signal alone"
+                )
         except DegenerateMapError as error:
             reasons.append(str(error))
         area_matched = self.cfg.threshold.lime_mode == "area_matched"

@@ -226,7 +226,9 @@ def _curve_auc(source: str, kind: str) -> Callable[[Evidence], Value]:
 
 def _sanity_rho(evidence: Evidence) -> Value:
     check = evidence.sanity()
-    return None if check is None else check.final_correlation
+    if check is None or not math.isfinite(check.final_correlation):
+        return None  # a degenerate randomised map has no rho; randomisation_passed is False
+    return check.final_correlation
 
 
 def _sanity_passed(evidence: Evidence) -> Value:
@@ -268,6 +270,15 @@ for _spec in (
         Direction.HIGHER,
         stats=(Stat.RATE,),
         summary_names={Stat.RATE: "top1_accuracy"},
+        optional=True,
+    ),
+    MetricSpec(
+        "cam_mask_short",
+        "fewer pixels than the top fraction carry CAM signal (above the map's minimum): the CAM "
+        "mask is that signal, smaller than asked",
+        Direction.LOWER,
+        stats=(Stat.RATE,),
+        summary_names={Stat.RATE: "cam_mask_short_rate"},
         optional=True,
     ),
     MetricSpec("cam_seconds", "seconds for the CAM map", Direction.LOWER),
@@ -331,7 +342,8 @@ for _spec in (
     ),
     MetricSpec(
         "randomisation_passed",
-        "the CAM map changed when the model was randomised (|rho| below the threshold)",
+        "the CAM map changed when the model was randomised (|rho| below the threshold, and the "
+        "map did not degenerate)",
         Direction.HIGHER,
         stats=(Stat.RATE,),
         compute=_sanity_passed,

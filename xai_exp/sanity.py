@@ -1,9 +1,13 @@
 """Model-parameter randomisation check (Adebayo et al., 2018, cascading from the output layer).
 
-The model's parameterised layers are re-initialised one after another, from the output layer
-towards the input, on a deep copy; after each step the map is recomputed and compared with the
-original map by Spearman rank correlation. A map that barely changes when the weights it should
-explain are destroyed fails the check.
+What is compared to what: the method's map for the trained model against its map for the same
+image and target class after the model's top layers are re-initialised, by Spearman rank
+correlation. Layers are re-initialised one after another, from the output layer towards the
+input, on a deep copy, as Quantus's model-parameter randomisation test does: each module's own
+`reset_parameters()` (BatchNorm and subclasses such as timm's `BatchNormAct2d` reset their
+running statistics too). A map that barely changes when the weights it should explain are
+destroyed fails the check; so does one that degenerates (becomes constant or non-finite): it no
+longer ranks anything, which is not evidence that the method depends on the weights.
 """
 
 from __future__ import annotations
@@ -28,9 +32,27 @@ class RandomisationResult:
     """Spearman correlation with the original map after each cascading randomisation step."""
 
     correlations: list[tuple[str, float]]  # (module name randomised at this step, rho)
-    final_correlation: float
+    final_correlation: float  # NaN when the randomised map degenerated
     threshold: float
-    passed: bool  # |final_correlation| < threshold
+    passed: bool  # |final_correlation| < threshold, and no step degenerated
+
+    @property
+    def problem(self) -> str:
+        """Why the check cannot pass beyond its rho: the step whose map degenerated ("" if none)."""
+        for name, rho in self.correlations:
+            if not math.isfinite(rho):
+                return f"map degenerates after randomising {name} (constant or non-finite)"
+        return ""
+
+    @classmethod
+    def from_correlations(
+        cls, correlations: list[tuple[str, float]], threshold: float
+    ) -> RandomisationResult:
+        """The verdict of a list of (layer, rho) steps: passed when the last |rho| is below
+        `threshold` and no step's map degenerated (NaN rho)."""
+        final = correlations[-1][1]
+        degenerate = any(not math.isfinite(rho) for _, rho in correlations)
+        return cls(correlations, final, threshold, not degenerate and abs(final) < threshold)
 
 
 def parameterised_layers(model: nn.Module) -> list[str]:
@@ -47,30 +69,32 @@ def parameterised_layers(model: nn.Module) -> list[str]:
 
 
 def _randomise(module: nn.Module) -> None:
-    """Re-initialise a module's own parameters.
+    """Re-initialise a module's own parameters, as Quantus does: its `reset_parameters()`.
 
-    A leaf module uses its `reset_parameters()` (BatchNorm also resets its running statistics);
-    otherwise each own parameter is redrawn from N(0, its current std), 0.02 if that is zero.
+    That holds for modules with children too (timm's `BatchNormAct2d` is a BatchNorm2d with an
+    activation child: its weights and running statistics are reset). A module with parameters
+    but no `reset_parameters` has each own parameter redrawn from N(0, its current std), 0.02
+    if that is zero, and its running statistics reset when it has them.
     """
     with torch.no_grad():
-        has_children = any(True for _ in module.children())
         reset = getattr(module, "reset_parameters", None)
-        if not has_children and callable(reset):
+        if callable(reset):
             reset()
             return
         for parameter in module.parameters(recurse=False):
             std = float(parameter.float().std()) if parameter.numel() > 1 else 0.0
             parameter.normal_(0.0, std if math.isfinite(std) and std > 0 else 0.02)
+        reset_stats = getattr(module, "reset_running_stats", None)
+        if callable(reset_stats):
+            reset_stats()
 
 
 def _correlation(original: np.ndarray, randomised: np.ndarray) -> float:
-    """Spearman rho; a randomised map that became constant keeps none of the order: 0."""
+    """Spearman rho; NaN when the randomised map degenerated (constant or non-finite)."""
     try:
         return rank_correlation(original, randomised)
     except DegenerateMapError:
-        if not np.all(np.isfinite(randomised)):
-            raise
-        return 0.0
+        return math.nan
 
 
 def randomisation_check(
@@ -87,7 +111,8 @@ def randomisation_check(
     deterministic and the caller's RNG state is untouched. The original classifier is never
     modified; `explain` receives a copy whose `target_layer` is the copy's module and whose
     `identity` names the randomisation (so caches keyed on it do not return original maps).
-    A constant original map raises DegenerateMapError.
+    A constant original map raises DegenerateMapError; a randomised map that degenerates gives
+    rho NaN at that step and fails the check (`RandomisationResult.problem` says where).
     """
     if layers is not None and layers < 1:
         raise ValueError(f"layers must be at least 1 or None, got {layers}")
@@ -114,10 +139,4 @@ def randomisation_check(
         )
         rho = _correlation(original, np.asarray(explain(randomised), dtype=np.float64))
         correlations.append((name or "<root>", rho))
-    final = correlations[-1][1]
-    return RandomisationResult(
-        correlations=correlations,
-        final_correlation=final,
-        threshold=threshold,
-        passed=abs(final) < threshold,
-    )
+    return RandomisationResult.from_correlations(correlations, threshold)
