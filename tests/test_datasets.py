@@ -310,6 +310,10 @@ def test_data_dir_alone_is_honoured(tmp_path):
         (["metrics.steps=5"], "deletion/insertion is off; add metrics=faithfulness"),
         (["tracking.enabled=false", "tracking.uri=sqlite:///x.db"], "tracking is off"),
         (["data.shard=0"], "data.num_shards is 1"),
+        (
+            ["metrics=faithfulness", "metrics.protocol=rise", "metrics.steps=5"],
+            "metrics.protocol=rise fixes its own steps",
+        ),
     ],
 )
 def test_an_override_the_config_would_ignore_is_an_error(tmp_path, overrides, expected):

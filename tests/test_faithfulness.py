@@ -197,3 +197,57 @@ def test_curve_plot_draws_mean_curves(tmp_path):
     assert "gradcam" in deletion_axis.get_legend().get_texts()[0].get_text()
     figure.savefig(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- RISE's protocol
+
+
+def _rise_by_hand(classifier: Classifier, view: np.ndarray, saliency: np.ndarray, target: int):
+    """RISE's CausalMetric, step by step: one image per step, edited in place."""
+    from scipy.ndimage import gaussian_filter
+    from scipy.signal import correlate2d
+
+    image = normalise_float_image(classifier, view.astype(np.float32))[0].numpy()  # 3xHxW
+    channels, height, width = image.shape
+    pixels, step = height * width, width
+    steps = (pixels + step - 1) // step
+    dirac = np.zeros((11, 11))
+    dirac[5, 5] = 1.0
+    kernel = gaussian_filter(dirac, 5.0)
+    blurred = np.stack([correlate2d(c, kernel, mode="same", boundary="fill") for c in image])
+    order = np.flip(np.argsort(saliency.reshape(-1)))
+
+    def curve(start: np.ndarray, finish: np.ndarray) -> np.ndarray:
+        start = start.reshape(channels, pixels).copy()
+        finish = finish.reshape(channels, pixels)
+        scores = []
+        for i in range(steps + 1):
+            batch = torch.from_numpy(start.reshape(1, channels, height, width).astype(np.float32))
+            with torch.no_grad():
+                scores.append(float(classifier.model(batch).softmax(dim=-1)[0, target]))
+            coords = order[step * i : step * (i + 1)]
+            start[:, coords] = finish[:, coords]
+        return np.array(scores)
+
+    deletion = curve(image, np.zeros_like(image))
+    insertion = curve(blurred, image)
+
+    def area(scores: np.ndarray) -> float:
+        return (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (len(scores) - 1)
+
+    return deletion, insertion, area(deletion), area(insertion)
+
+
+@pytest.mark.parametrize("name", ["exact", "random"])
+def test_rise_protocol_equals_rises_step_by_step_evaluation(name):
+    classifier = patch_classifier()
+    view, saliency = patch_image(), patch_maps()[name]
+    deletion, insertion, deletion_auc, insertion_auc = _rise_by_hand(classifier, view, saliency, 0)
+    found = deletion_insertion(classifier, view, saliency, 0, protocol="rise", batch_size=7)
+    assert len(found.deletion) == SIZE + 1  # one pixel row per step
+    np.testing.assert_allclose(found.deletion, deletion, atol=1e-6)
+    np.testing.assert_allclose(found.insertion, insertion, atol=1e-6)
+    assert found.deletion_auc == pytest.approx(deletion_auc, abs=1e-6)
+    assert found.insertion_auc == pytest.approx(insertion_auc, abs=1e-6)
+    other = deletion_insertion(classifier, view, saliency, 0, steps=SIZE, baseline="black")
+    assert not np.allclose(other.insertion, found.insertion)  # not the xai_exp protocol

@@ -99,8 +99,18 @@ def test_registry_rejects_a_second_metric_of_the_same_name():
 def test_csv_columns_are_the_record_then_every_metric():
     assert csv_columns() == (*RECORD_COLUMNS, *METRICS)
     assert csv_columns()[0] == "image"
-    assert METRICS["randomisation_passed"].run_metrics == ["randomisation_pass_rate"]
-    assert METRICS["iou"].run_metrics == ["mean_iou", "median_iou", "std_iou"]
+    assert METRICS["randomisation_passed"].run_metrics == [
+        "randomisation_pass_rate",
+        "randomisation_pass_rate_ci_low",
+        "randomisation_pass_rate_ci_high",
+    ]
+    assert METRICS["iou"].run_metrics == [
+        "mean_iou",
+        "mean_iou_ci_low",
+        "mean_iou_ci_high",
+        "median_iou",
+        "std_iou",
+    ]
 
 
 def test_summary_counts_statuses_and_summarises_each_metric():

@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare",
         help="group runs by settings, summarise IoU, write a table, a plot and an HTML report",
-        description="Group the study runs of an experiment (or of one sweep parent) by method x "
-        "cam_top_fraction x lime_mode x lime.num_samples; print the table and write "
-        "comparison.csv, iou_vs_threshold.png and a self-contained report.html. With --parent, "
-        "the files are also logged to the parent run under comparison/.",
+        description="Group the study runs of an experiment (or of one sweep parent) by every "
+        "setting that changes results (shards of one study pool into one row); print the table "
+        "(means with 95% bootstrap intervals) and the paired comparisons of settings that "
+        "differ in one key (mean difference, interval, Wilcoxon p), and write comparison.csv, "
+        "paired.csv, iou_per_image.csv, iou_vs_threshold.png and a self-contained report.html. "
+        "With --parent, the files are also logged to the parent run under comparison/.",
     )
     compare.add_argument(
         "--tracking-uri",
@@ -96,6 +98,10 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(format_table(comparison.table))
     print()
+    if not comparison.paired.empty:
+        print("paired comparisons (mean IoU difference a - b on shared images, 95% CI, Wilcoxon):")
+        print(format_table(comparison.paired))
+        print()
     for path in comparison.files.values():
         print(f"wrote {path}")
     if args.parent:

@@ -18,7 +18,9 @@ self-contained ``report.html``; with a parent run they are also logged to it und
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import itertools
 import logging
 import math
 import os
@@ -38,7 +40,8 @@ from xai_exp.data import SUPPORTED_EXTENSIONS, safe_artifact_stem
 from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
 from xai_exp.report import GalleryItem, gallery_rows, render_html, settings_text
-from xai_exp.results import METRICS, MetricSpec, Stat, Status
+from xai_exp.results import METRICS, MetricSpec, Stat, Status, interval_names
+from xai_exp.statistics import mean_interval, paired_difference
 from xai_exp.tracking import (
     PARENT_TAG,
     RunLogger,
@@ -82,11 +85,25 @@ NOT_SETTINGS = (
     "outputs.",
     "plots.",
 )
-IOU_COLUMNS = ("mean_iou", "std_iou", "min_iou", "max_iou")
+IOU_COLUMNS = ("mean_iou", *interval_names("mean_iou"), "std_iou", "min_iou", "max_iou")
 CSV_NAME = "comparison.csv"
 PLOT_NAME = "iou_vs_threshold.png"
 HTML_NAME = "report.html"
 GRID_NAME = "iou_per_image.csv"  # IoU per image (rows) and setting (columns)
+PAIRED_NAME = "paired.csv"  # settings that differ in one key, compared on shared images
+PAIRED_COLUMNS = (
+    "differs_in",
+    "a",
+    "b",
+    "others",
+    "images",
+    "mean_a",
+    "mean_b",
+    "mean_difference",
+    "ci_low",
+    "ci_high",
+    "wilcoxon_p",
+)
 ARTIFACT_DIR = "comparison"
 
 
@@ -106,10 +123,11 @@ def table_columns(settings: Sequence[str] = ALWAYS_SHOWN) -> tuple[str, ...]:
         *IOU_COLUMNS,
         *(f"n_{status}" for status in Status),
         *(
-            spec.run_metric(stat)
+            name
             for spec in METRICS.values()
             if spec.name != "iou"
             for stat in _group_stats(spec)
+            for name in (spec.run_metric(stat), *interval_names(spec.run_metric(stat)))
         ),
     )
 
@@ -132,6 +150,7 @@ class Comparison:
     runs: list[Run]
     frame: pd.DataFrame  # `settings_frame` of the runs
     files: dict[str, Path] = field(default_factory=dict)
+    paired: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PAIRED_COLUMNS)))
 
     @property
     def settings(self) -> list[str]:
@@ -348,6 +367,7 @@ def summarize_groups(
             images=len(part),
             compared=len(iou),
             mean_iou=float(iou.mean()) if len(iou) else math.nan,
+            **dict(zip(interval_names("mean_iou"), mean_interval(iou), strict=True)),
             std_iou=float(iou.std(ddof=0)) if len(iou) else math.nan,
             min_iou=float(iou.min()) if len(iou) else math.nan,
             max_iou=float(iou.max()) if len(iou) else math.nan,
@@ -355,9 +375,14 @@ def summarize_groups(
         for status in Status:
             row[f"n_{status}"] = int((part["status"] == status.value).sum())
         for spec in METRICS.values():
-            mean = _mean(part[spec.name]) if spec.name in part else math.nan
-            for stat in _group_stats(spec) if spec.name != "iou" else []:
+            if spec.name == "iou":
+                continue
+            values = pd.to_numeric(part[spec.name], errors="coerce") if spec.name in part else None
+            mean = _mean(values) if values is not None else math.nan
+            bounds = mean_interval(values) if values is not None else (math.nan, math.nan)
+            for stat in _group_stats(spec):
                 row[spec.run_metric(stat)] = mean
+                row.update(zip(interval_names(spec.run_metric(stat)), bounds, strict=True))
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(table_columns(shown)))
     unused = [
@@ -437,19 +462,68 @@ class _Overlays:
         return None
 
 
-def iou_grid(comparison: Comparison) -> pd.DataFrame:
-    """IoU per image (rows) and compared setting (columns), from each setting's latest runs."""
+def setting_groups(comparison: Comparison) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """Each compared setting (shown keys and values) with its image rows: per image the latest
+    finished run's."""
     frame = comparison.frame
     finished = frame[frame["run_status"] == "FINISHED"]
     if finished.empty:
-        return pd.DataFrame()
-    labels = finished[comparison.settings].apply(lambda row: settings_text(row.to_dict()), axis=1)
-    parts = [
-        latest_per_image(comparison.images, members).assign(setting=label)
-        for label, members in finished.groupby(labels, sort=False)
+        return []
+    keys = comparison.settings
+    grouping = finished[keys].map(lambda v: "<missing>" if pd.isna(v) else repr(v))
+    return [
+        (members[keys].iloc[0].to_dict(), latest_per_image(comparison.images, members))
+        for _, members in finished.groupby([grouping[k] for k in keys], sort=False)
     ]
+
+
+def iou_grid(comparison: Comparison) -> pd.DataFrame:
+    """IoU per image (rows) and compared setting (columns), from each setting's latest runs."""
+    groups = setting_groups(comparison)
+    if not groups:
+        return pd.DataFrame()
+    parts = [rows.assign(setting=settings_text(shown)) for shown, rows in groups]
     rows = pd.concat(parts, ignore_index=True)
     return rows.pivot_table(index="image", columns="setting", values="iou", sort=False)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (pd.isna(a) and pd.isna(b)) if (pd.isna(a) or pd.isna(b)) else a == b
+
+
+def paired_comparisons(comparison: Comparison, metric: str = "iou") -> pd.DataFrame:
+    """Every two settings that differ in one shown setting, on the images both compared.
+
+    Per pair: the mean `metric` of each (a, b: the differing values, in sorted order), the mean
+    paired difference a - b with its 95% bootstrap interval and the Wilcoxon signed-rank
+    p-value (`statistics.paired_difference`). `others` names the settings both share.
+    """
+    groups = setting_groups(comparison)
+    rows = []
+    for (first, first_rows), (second, second_rows) in itertools.combinations(groups, 2):
+        differing = [key for key in first if not _same(first[key], second.get(key))]
+        if len(differing) != 1:
+            continue
+        [key] = differing
+        if _sort_key(second[key]) < _sort_key(first[key]):
+            (first, first_rows), (second, second_rows) = (second, second_rows), (first, first_rows)
+        joined = first_rows.set_index("image")[[metric]].join(
+            second_rows.set_index("image")[[metric]], how="inner", rsuffix="_b"
+        )
+        found = paired_difference(joined[metric], joined[f"{metric}_b"])
+        if found.images < 2:
+            continue
+        others = {k: v for k, v in first.items() if k != key}
+        rows.append(
+            {
+                "differs_in": key,
+                "a": first[key],
+                "b": second[key],
+                "others": settings_text(others),
+                **dataclasses.asdict(found),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
 def write_outputs(
@@ -489,9 +563,19 @@ def write_outputs(
     grid = iou_grid(comparison)
     grid_path = out_dir / GRID_NAME
     grid.to_csv(grid_path)
-    page = render_html(title, meta, comparison.table, plot_path.read_bytes(), gallery, grid)
+    paired_path = out_dir / PAIRED_NAME
+    comparison.paired.to_csv(paired_path, index=False)
+    page = render_html(
+        title, meta, comparison.table, plot_path.read_bytes(), gallery, grid, comparison.paired
+    )
     html_path = atomic_write_text(out_dir / HTML_NAME, page)
-    comparison.files = {"csv": csv_path, "grid": grid_path, "plot": plot_path, "html": html_path}
+    comparison.files = {
+        "csv": csv_path,
+        "paired": paired_path,
+        "grid": grid_path,
+        "plot": plot_path,
+        "html": html_path,
+    }
     return comparison.files
 
 
@@ -512,6 +596,7 @@ def build_comparison(
         images = collect_images(client, runs, workdir)
         frame = settings_frame(runs)
         comparison = Comparison(summarize_groups(runs, images, frame), images, list(runs), frame)
+        comparison.paired = paired_comparisons(comparison)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         full_meta = [
             *meta,

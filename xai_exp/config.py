@@ -110,6 +110,7 @@ class MetricsConfig:
     agreement: bool = True
     faithfulness: bool = False
     sanity: bool = False
+    protocol: str = "xai_exp"  # deletion/insertion: xai_exp (steps, baseline) or rise (RISE's)
     steps: int = 20
     baseline: str = "blur"
     batch_size: int = 32
@@ -163,6 +164,7 @@ LIME_MODES = ("top_k", "area_matched")
 SEGMENTATIONS = ("quickshift", "slic", "felzenszwalb")
 DATA_SOURCES = ("bundled", "folder")
 BASELINES = ("black", "mean", "blur")
+FAITHFULNESS_PROTOCOLS = ("xai_exp", "rise")
 PLOT_FORMATS = ("png", "pdf", "svg")
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which seeds lime's perturbations
 MAX_INPUT_SIZE = 2048
@@ -257,6 +259,7 @@ def validate(cfg: StudyConfig) -> None:
     _check(cfg.metrics.steps >= 1, f"metrics.steps={cfg.metrics.steps} must be >= 1")
     _check(cfg.metrics.batch_size >= 1, f"metrics.batch_size={cfg.metrics.batch_size} must be >= 1")
     _check_choice(cfg.metrics.baseline, BASELINES, "metrics.baseline")
+    _check_choice(cfg.metrics.protocol, FAITHFULNESS_PROTOCOLS, "metrics.protocol")
     _check_choice(cfg.plots.format, PLOT_FORMATS, "plots.format")
     _check(36 <= cfg.plots.dpi <= 1200, f"plots.dpi={cfg.plots.dpi} must be in 36..1200")
     layers = cfg.metrics.sanity_layers
@@ -282,9 +285,14 @@ IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], 
         "data.num_shards is 1; set data.num_shards=N",
     ),
     (
-        ("metrics.steps", "metrics.baseline", "metrics.batch_size"),
+        ("metrics.steps", "metrics.baseline", "metrics.batch_size", "metrics.protocol"),
         lambda cfg: not cfg.metrics.faithfulness,
         "deletion/insertion is off; add metrics=faithfulness",
+    ),
+    (
+        ("metrics.steps", "metrics.baseline"),
+        lambda cfg: cfg.metrics.faithfulness and cfg.metrics.protocol == "rise",
+        "metrics.protocol=rise fixes its own steps and substrates; drop the key",
     ),
     (
         ("metrics.sanity_layers", "metrics.sanity_threshold"),

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from xai_exp.agreement import curve_area
 from xai_exp.cache import ExplanationCache, cache_key
 from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, target_choice
 from xai_exp.data import ImageItem
@@ -239,8 +238,12 @@ class Study:
         key = cache_key(
             kind="faithfulness",
             explanation=explanation_key,
-            steps=metrics.steps,
-            baseline=metrics.baseline,
+            # the xai_exp protocol's keys are as before protocols existed: its cache stays valid
+            **(
+                {"protocol": "rise"}
+                if metrics.protocol == "rise"
+                else {"steps": metrics.steps, "baseline": metrics.baseline}
+            ),
             algorithm_version=ALGORITHM_VERSION,
         )
 
@@ -253,6 +256,7 @@ class Study:
                 steps=metrics.steps,
                 baseline=metrics.baseline,
                 batch_size=metrics.batch_size,
+                protocol=metrics.protocol,
             )
             return {
                 "fractions": curves.fractions,
@@ -260,15 +264,11 @@ class Study:
                 "insertion": curves.insertion,
             }
 
-        points = (metrics.steps + 1,)
+        points = (None,) if metrics.protocol == "rise" else (metrics.steps + 1,)
         expected = {"fractions": points, "deletion": points, "insertion": points}
         arrays = self._cached("faithfulness", key, compute, expected, count=False).arrays
-        return FaithfulnessCurves(
-            fractions=arrays["fractions"],
-            deletion=arrays["deletion"],
-            insertion=arrays["insertion"],
-            deletion_auc=curve_area(arrays["fractions"], arrays["deletion"]),
-            insertion_auc=curve_area(arrays["fractions"], arrays["insertion"]),
+        return FaithfulnessCurves.from_scores(
+            arrays["fractions"], arrays["deletion"], arrays["insertion"], metrics.protocol
         )
 
     def sanity(self, view: np.ndarray, target: int, cam_key: str) -> RandomisationResult:

@@ -206,7 +206,8 @@ def curve_plot(
 
 
 def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
-    """Mean IoU ± std against cam_top_fraction, one line per combination of the other settings."""
+    """Mean IoU with its 95% bootstrap interval against cam_top_fraction, one line per
+    combination of the other settings (std when a table has no interval columns)."""
     figure = new_figure(7.5, 4.5)
     axes = figure.add_subplot()
     lines = 0
@@ -222,10 +223,16 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
             for k, v in zip(others, values, strict=True)
             if not (isinstance(v, float) and math.isnan(v))  # a setting this run does not have
         )
+        if "mean_iou_ci_low" in part:
+            below = (part["mean_iou"] - part["mean_iou_ci_low"]).fillna(0.0).clip(lower=0)
+            above = (part["mean_iou_ci_high"] - part["mean_iou"]).fillna(0.0).clip(lower=0)
+            error: Any = [below.to_numpy(), above.to_numpy()]
+        else:
+            error = part["std_iou"].fillna(0.0)
         axes.errorbar(
             part["cam_top_fraction"],
             part["mean_iou"],
-            yerr=part["std_iou"].fillna(0.0),
+            yerr=error,
             marker="o",
             capsize=3,
             linestyle="--" if "area_matched" in values else "-",
@@ -237,7 +244,7 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
             axes.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         lines += 1
     axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")
-    axes.set_ylabel("mean IoU (± std over images)")
+    axes.set_ylabel("mean IoU (95% bootstrap CI over images)")
     axes.set_ylim(bottom=0)
     axes.set_title("CAM vs LIME agreement")
     axes.grid(alpha=0.3)

@@ -152,6 +152,27 @@ def _grid(grid: pd.DataFrame | None) -> str:
     )
 
 
+def _paired(paired: pd.DataFrame | None) -> str:
+    """The paired comparisons: settings that differ in one key, on the images both compared."""
+    if paired is None or paired.empty:
+        return ""
+    table = paired.to_html(
+        index=False,
+        classes="comparison",
+        border=0,
+        na_rep="–",
+        float_format=lambda value: f"{value:.4g}",
+        escape=True,
+    )
+    return (
+        "<h2>Paired comparisons</h2>\n"
+        '<p class="meta">Two settings that differ in one key, on the images both compared: mean '
+        "IoU difference a − b with its 95% bootstrap interval (resampling images) and the "
+        "Wilcoxon signed-rank p-value.</p>\n"
+        f'<div class="table-wrap">{table}</div>'
+    )
+
+
 def render_html(
     title: str,
     meta: Sequence[str],
@@ -159,6 +180,7 @@ def render_html(
     plot_png: bytes,
     gallery: Sequence[GalleryItem],
     grid: pd.DataFrame | None = None,
+    paired: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one string; every value from the runs is HTML-escaped."""
     best = [item for item in gallery if item.kind == "best"]
@@ -183,11 +205,13 @@ def render_html(
 <h1>{html.escape(title)}</h1>
 <p class="meta">{meta_html}</p>
 <h2>Runs grouped by settings</h2>
-<p class="meta">n = compared images per row (the column <code>compared</code>); std over images, not
-an interval.</p>
+<p class="meta">n = compared images per row (the column <code>compared</code>); each mean has
+its 95% bootstrap confidence interval (<code>_ci_low</code>, <code>_ci_high</code>: BCa,
+resampling images, seeded); std is over images, not an interval.</p>
 <div class="table-wrap">{table_html}</div>
 <h2>Mean IoU vs CAM top fraction</h2>
 <div class="plot"><img alt="mean IoU vs CAM top fraction" src="{png_data_uri(plot_png)}"></div>
+{_paired(paired)}
 {_grid(grid)}
 {_gallery("Best agreeing images (highest IoU)", best)}
 {_gallery("Worst agreeing images (lowest IoU)", worst)}

@@ -29,6 +29,7 @@ from xai_exp.config import ConfigError
 from xai_exp.errors import describe
 from xai_exp.masks import DegenerateMapError, lime_weight_map
 from xai_exp.metrics import summarize
+from xai_exp.statistics import mean_interval
 
 if TYPE_CHECKING:
     from xai_exp.faithfulness import FaithfulnessCurves
@@ -159,8 +160,13 @@ class MetricSpec:
 
     @property
     def run_metrics(self) -> list[str]:
-        """Run-level metric names of all its statistics."""
-        return [self.run_metric(stat) for stat in self.stats]
+        """Run-level metric names of all its statistics, each mean with its interval."""
+        names = []
+        for stat in self.stats:
+            names.append(self.run_metric(stat))
+            if stat in AVERAGES:
+                names.extend(interval_names(self.run_metric(stat)))
+        return names
 
     @property
     def image_metric(self) -> str:
@@ -173,6 +179,14 @@ class MetricSpec:
 
 
 IMAGE_SERIES = "per_image"  # MLflow's UI shows `per_image/...` as a section of its own
+AVERAGES = (Stat.MEAN, Stat.RATE)  # the statistics that carry a bootstrap interval
+
+
+def interval_names(metric: str) -> tuple[str, str]:
+    """The names of a mean's 95% interval bounds: ``mean_iou_ci_low``, ``mean_iou_ci_high``."""
+    return (f"{metric}_ci_low", f"{metric}_ci_high")
+
+
 METRICS: dict[str, MetricSpec] = {}
 
 
@@ -406,16 +420,21 @@ def summary_metrics(results: list[ImageResult]) -> dict[str, float]:
     """Run-level metrics: image counts by status and each registered metric's statistics.
 
     Metrics the pipeline always sets (IoU, timings) are always present (NaN when no image has
-    them); computed metrics appear only when at least one image has a value.
+    them); optional ones appear only when at least one image has a value. Every mean and rate
+    has its 95% bootstrap interval over images (`interval_names`).
     """
     summary: dict[str, float] = {}
     for spec in METRICS.values():
         values = [r.values.get(spec.name) for r in results]
         if not spec.reported_when_missing and all(v is None for v in values):
             continue
-        found = summarize(v if v is None else float(v) for v in values)
+        numbers = [v if v is None else float(v) for v in values]
+        found = summarize(numbers)
         for stat in spec.stats:
             summary[spec.run_metric(stat)] = found["mean" if stat == Stat.RATE else stat.value]
+            if stat in AVERAGES:
+                bounds = mean_interval(numbers)
+                summary.update(zip(interval_names(spec.run_metric(stat)), bounds, strict=True))
     summary.update(
         n_images=len(results),
         n_compared=sum(r.iou is not None for r in results),
