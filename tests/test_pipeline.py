@@ -155,3 +155,35 @@ def test_metrics_beyond_iou_are_computed_once_and_reused_across_thresholds(tmp_p
     assert (
         second.values["iou_auc"] == first.values["iou_auc"]
     )  # threshold-free: independent of the cut
+
+
+def test_several_lime_seeds_give_lime_self_agreement_and_iou_per_seed(tmp_path):
+    from xai_exp.metrics import iou
+    from xai_exp.results import summary_metrics
+
+    classifier = tiny_classifier()
+    cache = ExplanationCache(tmp_path)
+    singles = {}
+    for seed in (0, 1, 2):  # each seed alone, as the reference
+        study = Study(config(seed=seed), classifier, cache)
+        [singles[seed]] = run_study(study, IMAGES[:1], progress=False)
+    cfg = config()
+    cfg.lime.seeds = [0, 1, 2]
+    study = Study(cfg, classifier, cache)
+    [result] = run_study(study, IMAGES[:1], progress=False)
+    assert (study.computed, study.reused) == (0, 5)  # every seed's LIME came from the cache
+    per_seed = [singles[seed].iou for seed in (0, 1, 2)]
+    logged = [float(v) if v else None for v in result.iou_by_seed.split(";")]
+    assert [v is None for v in logged] == [v is None for v in per_seed]
+    known = [v for v in per_seed if v is not None]
+    assert [v for v in logged if v is not None] == pytest.approx(known, abs=1e-4)
+    assert len(known) >= 2
+    assert result.iou == pytest.approx(np.mean(known))
+    masks = [singles[s].arrays["lime_mask"] for s in (0, 1, 2) if "lime_mask" in singles[s].arrays]
+    pairwise = [iou(a, b) for n, a in enumerate(masks) for b in masks[n + 1 :]]
+    assert result.values["lime_self_iou"] == pytest.approx(np.mean(pairwise))
+    summary = summary_metrics([result])
+    assert summary["mean_lime_self_iou"] == result.values["lime_self_iou"]
+    assert summary["ceiling_normalised_iou"] == pytest.approx(
+        result.iou / result.values["lime_self_iou"]
+    )

@@ -81,6 +81,9 @@ class LimeConfig:
     hide_color: int | None = None
     batch_size: int = 100
     seed: int = 0
+    # several seeds per image (LIME's own spread): an explicit list, or `repeats` seeds from seed
+    seeds: list[int] = field(default_factory=list)
+    repeats: int = 1
     implementation: str = "fast"
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
@@ -167,6 +170,14 @@ BASELINES = ("black", "mean", "blur")
 FAITHFULNESS_PROTOCOLS = ("xai_exp", "rise")
 PLOT_FORMATS = ("png", "pdf", "svg")
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which seeds lime's perturbations
+MAX_REPEATS = 20
+
+
+def lime_seeds(lime: LimeConfig) -> list[int]:
+    """The seeds LIME explains each image with: `seeds`, else `repeats` from `seed` on."""
+    return list(lime.seeds) if lime.seeds else [lime.seed + i for i in range(lime.repeats)]
+
+
 MAX_INPUT_SIZE = 2048
 MAX_LIME_SAMPLES = 100_000  # lime holds every sample's superpixel mask in memory at once
 OVERLAY_MODES = ("all", "none", "extremes")
@@ -229,6 +240,19 @@ def validate(cfg: StudyConfig) -> None:
     _check(
         0 <= cfg.lime.seed <= MAX_SEED,
         f"lime.seed={cfg.lime.seed} must be in 0..{MAX_SEED} (numpy's RandomState seeds)",
+    )
+    _check(
+        not (cfg.lime.seeds and cfg.lime.repeats != 1),
+        "set lime.seeds=[...] or lime.repeats=N, not both",
+    )
+    _check(
+        1 <= cfg.lime.repeats <= MAX_REPEATS and len(cfg.lime.seeds) <= MAX_REPEATS,
+        f"lime.repeats and lime.seeds allow 1..{MAX_REPEATS} seeds (each costs a LIME run)",
+    )
+    seeds = lime_seeds(cfg.lime)
+    _check(
+        all(0 <= s <= MAX_SEED for s in seeds) and len(set(seeds)) == len(seeds),
+        f"lime seeds {seeds} must be distinct and in 0..{MAX_SEED}",
     )
     _check(cfg.lime.num_features >= 1, f"lime.num_features={cfg.lime.num_features} must be >= 1")
     _check(cfg.lime.batch_size >= 1, f"lime.batch_size={cfg.lime.batch_size} must be >= 1")

@@ -26,6 +26,7 @@ from xai_exp.config import (
     StudyConfig,
     honour_data_dir,
     ignored_overrides,
+    lime_seeds,
     overlay_cap,
     validate,
 )
@@ -162,7 +163,10 @@ def describe_setting(cfg: StudyConfig) -> str:
         parts.append(cfg.threshold.lime_mode)
     if lime.segmentation.algorithm != default.segmentation.algorithm:
         parts.append(lime.segmentation.algorithm)
-    if lime.seed != default.seed:
+    seeds = lime_seeds(lime)
+    if len(seeds) > 1:
+        parts.append("seeds" + "-".join(str(seed) for seed in seeds))
+    elif lime.seed != default.seed:
         parts.append(f"seed{lime.seed}")
     if cfg.method.target_class is not None:
         parts.append(f"class{str(cfg.method.target_class).lower()}")

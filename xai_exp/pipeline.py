@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sized
@@ -13,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xai_exp.cache import ExplanationCache, cache_key
-from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, target_choice
+from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, lime_seeds, target_choice
 from xai_exp.data import ImageItem
 from xai_exp.errors import describe
 from xai_exp.explainers import lime as lime_explainer
@@ -190,8 +191,10 @@ class Study:
             {"segments": view.shape[:2]},
         )
 
-    def lime(self, item: ImageItem, view: np.ndarray, segments: Step, target: int) -> Step:
-        """LIME superpixel weights (``arrays["weights"]``) for the target class."""
+    def lime(
+        self, item: ImageItem, view: np.ndarray, segments: Step, target: int, seed: int
+    ) -> Step:
+        """LIME superpixel weights (``arrays["weights"]``) for the target class and seed."""
         cfg = self.cfg.lime
         key = cache_key(
             **self._base_key(item),
@@ -201,7 +204,7 @@ class Study:
             target=target,
             num_samples=cfg.num_samples,
             hide_color=cfg.hide_color,
-            seed=cfg.seed,
+            seed=seed,
             implementation=cfg.implementation,
             precision=self.precision,
             versions=[self.versions[n] for n in ("torch", "torchvision", "lime")],
@@ -220,7 +223,7 @@ class Study:
                 target,
                 num_samples=cfg.num_samples,
                 hide_color=cfg.hide_color,
-                seed=cfg.seed,
+                seed=seed,
                 batch_size=cfg.batch_size,
                 precision=self.precision,
             )
@@ -319,6 +322,51 @@ class Study:
             reasons.append(f"randomisation check failed: {check.problem}")
         return problems + reasons
 
+    # -- masks and LIME's own spread ------------------------------------------------------------
+    def _lime_mask(
+        self, segments: np.ndarray, weights: np.ndarray, cam_mask: np.ndarray | None
+    ) -> np.ndarray | None:
+        """The LIME mask of the configured mode (None: area-matched without a CAM mask)."""
+        if self.cfg.threshold.lime_mode == "area_matched":
+            if cam_mask is None:
+                return None
+            return lime_area_matched_mask(segments, weights, int(cam_mask.sum()))
+        return lime_top_k_mask(segments, weights, self.cfg.lime.num_features)
+
+    def _seed_spread(
+        self,
+        result: ImageResult,
+        item: ImageItem,
+        view: np.ndarray,
+        segments: Step,
+        target: int,
+        seeds: list[int],
+        cam_mask: np.ndarray | None,
+        first_mask: np.ndarray | None,
+    ) -> None:
+        """LIME explained with every further seed (each cached): the mean pairwise IoU of its
+        masks (`lime_self_iou`, the noise ceiling) and the CAM-vs-LIME IoU per seed, whose mean
+        becomes the image's `iou`."""
+        masks = [first_mask]
+        for seed in seeds[1:]:
+            weights = self.lime(item, view, segments, target, seed).arrays["weights"]
+            try:
+                masks.append(self._lime_mask(segments.arrays["segments"], weights, cam_mask))
+            except DegenerateMapError:
+                masks.append(None)
+        found = [mask for mask in masks if mask is not None]
+        pairs = list(itertools.combinations(found, 2))
+        if pairs:
+            result.values["lime_self_iou"] = float(np.mean([iou(a, b) for a, b in pairs]))
+        if cam_mask is None:
+            return
+        per_seed = [None if mask is None else iou(cam_mask, mask) for mask in masks]
+        result.iou_by_seed = ";".join("" if v is None else f"{v:.4f}" for v in per_seed)
+        known = [v for v in per_seed if v is not None]
+        if known:
+            result.values["iou"] = float(np.mean(known))
+            result.status = Status.OK if result.status == Status.FLAGGED else result.status
+
     # -- one image -----------------------------------------------------------------------
     def explain(self, item: ImageItem) -> ImageResult:
         """Predict, explain and compare one image; degenerate maps are flagged, not masked."""
@@ -350,7 +398,8 @@ class Study:
 
         cam_step = self.cam(item, view, target)
         segment_step = self.segments(item, view)
-        lime_step = self.lime(item, view, segment_step, target)
+        seeds = lime_seeds(self.cfg.lime)
+        lime_step = self.lime(item, view, segment_step, target, seeds[0])
         cam = cam_step.arrays["cam"]
         segments = segment_step.arrays["segments"]
         weights = lime_step.arrays["weights"]
@@ -381,22 +430,19 @@ class Study:
                 )
         except DegenerateMapError as error:
             reasons.append(str(error))
-        area_matched = self.cfg.threshold.lime_mode == "area_matched"
         try:
-            if area_matched and cam_mask is not None:
-                lime_mask = lime_area_matched_mask(segments, weights, int(cam_mask.sum()))
-            else:
-                lime_mask = lime_top_k_mask(segments, weights, self.cfg.lime.num_features)
-            result.arrays["lime_mask"] = lime_mask
-            result.lime_mask_fraction = float(lime_mask.mean())
+            lime_mask = self._lime_mask(segments, weights, cam_mask)
+            if lime_mask is not None:
+                result.arrays["lime_mask"] = lime_mask
+                result.lime_mask_fraction = float(lime_mask.mean())
         except DegenerateMapError as error:
             reasons.append(str(error))
-        if area_matched and cam_mask is None:
-            lime_mask = None
         if cam_mask is not None and lime_mask is not None:
             result.values["iou"] = iou(cam_mask, lime_mask)
         else:
             result.status = Status.FLAGGED
+        if len(seeds) > 1:
+            self._seed_spread(result, item, view, segment_step, target, seeds, cam_mask, lime_mask)
         if cam_mask is not None:  # a usable CAM map: the metrics beyond IoU apply
             evidence = Evidence(
                 view=view,

@@ -265,6 +265,7 @@ RECORD_COLUMNS = (
     "target_label",
     "cam_mask_fraction",
     "lime_mask_fraction",
+    "iou_by_seed",
     "n_superpixels",
     "cam_reused",
     "lime_reused",
@@ -293,6 +294,13 @@ for _spec in (
         Direction.LOWER,
         stats=(Stat.RATE,),
         summary_names={Stat.RATE: "cam_mask_short_rate"},
+        optional=True,
+    ),
+    MetricSpec(
+        "lime_self_iou",
+        "mean pairwise IoU of LIME's masks over its seeds (lime.seeds): LIME's agreement with "
+        "itself, the ceiling for any agreement with it",
+        Direction.HIGHER,
         optional=True,
     ),
     MetricSpec("cam_seconds", "seconds for the CAM map", Direction.LOWER),
@@ -393,6 +401,7 @@ class ImageResult:
     target_label: str = ""
     cam_mask_fraction: float = math.nan
     lime_mask_fraction: float = math.nan
+    iou_by_seed: str = ""  # with several lime seeds: the CAM-vs-LIME IoU per seed, ";"-joined
     n_superpixels: int = 0
     cam_reused: bool = False
     lime_reused: bool = False
@@ -435,6 +444,9 @@ def summary_metrics(results: list[ImageResult]) -> dict[str, float]:
             if stat in AVERAGES:
                 bounds = mean_interval(numbers)
                 summary.update(zip(interval_names(spec.run_metric(stat)), bounds, strict=True))
+    ceiling = summary.get("mean_lime_self_iou", math.nan)
+    if ceiling > 0:  # CAM-vs-LIME agreement as a share of LIME's agreement with itself
+        summary["ceiling_normalised_iou"] = summary["mean_iou"] / ceiling
     summary.update(
         n_images=len(results),
         n_compared=sum(r.iou is not None for r in results),
