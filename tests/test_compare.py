@@ -212,7 +212,7 @@ def test_report_is_self_contained_with_best_and_worst_overlays(tracking_store, m
     out = store.root / "report"
     comparison = cmp.compare(store.uri, out_dir=out)
 
-    assert set(comparison.files) == {"csv", "paired", "grid", "plot", "html"}
+    assert set(comparison.files) == {"csv", "paired", "methods", "grid", "plot", "html"}
     for name in (cmp.CSV_NAME, cmp.PLOT_NAME, cmp.HTML_NAME):
         assert (out / name).is_file()
     with Image.open(out / cmp.PLOT_NAME) as plot:
@@ -294,6 +294,7 @@ def test_parent_scope_compares_children_and_logs_files_to_parent(tracking_store,
         "comparison/comparison.csv",
         "comparison/iou_per_image.csv",
         "comparison/paired.csv",
+        "comparison/method_agreement.csv",
         "comparison/iou_vs_threshold.png",
         "comparison/report.html",
     }
@@ -323,11 +324,11 @@ def test_log_comparison_to_parent_for_the_sweep_callback(
     row = comparison.table.iloc[0]
     assert (row["runs"], row["mean_iou"]) == (2, pytest.approx(0.3))
     logged = {f.path for f in store.client.list_artifacts(parent.run_id, "comparison")}
-    assert len(logged) == 5
+    assert len(logged) == 6
     if sweep_dir is not None:
         assert sorted(p.name for p in (sweep_dir / "comparison").iterdir()) == [
-            "comparison.csv", "iou_per_image.csv", "iou_vs_threshold.png", "paired.csv",
-            "report.html",
+            "comparison.csv", "iou_per_image.csv", "iou_vs_threshold.png", "method_agreement.csv",
+            "paired.csv", "report.html",
         ]  # fmt: skip
 
 
@@ -430,7 +431,14 @@ def test_real_sweep_logs_comparison_to_its_parent(tmp_path, tiny_study_overrides
     assert "could not log the sweep comparison" not in result.stderr
 
     parent_id = json.loads((sweep_dir / "mlflow_parent.json").read_text())["run_id"]
-    names = (cmp.CSV_NAME, cmp.PAIRED_NAME, cmp.GRID_NAME, cmp.PLOT_NAME, cmp.HTML_NAME)
+    names = (
+        cmp.CSV_NAME,
+        cmp.PAIRED_NAME,
+        cmp.MATRIX_NAME,
+        cmp.GRID_NAME,
+        cmp.PLOT_NAME,
+        cmp.HTML_NAME,
+    )
     for name in names:
         assert (sweep_dir / "comparison" / name).is_file()
     client = open_store(uri)

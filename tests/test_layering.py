@@ -8,6 +8,8 @@ CORE = [
     "xai_exp.models",
     "xai_exp.data",
     "xai_exp.labels",
+    "xai_exp.statistics",
+    "xai_exp.method_agreement",
     "xai_exp.explainers.cam",
     "xai_exp.explainers.fast_cam",
     "xai_exp.explainers.lime",

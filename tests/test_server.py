@@ -140,6 +140,7 @@ def test_compare_command_reads_a_tracking_server(sqlite_server, tmp_path, make_s
         "comparison/comparison.csv",
         "comparison/iou_per_image.csv",
         "comparison/paired.csv",
+        "comparison/method_agreement.csv",
         "comparison/iou_vs_threshold.png",
         "comparison/report.html",
     }

@@ -22,6 +22,9 @@ _META = "__meta__"
 _CHECKSUM = "__checksum__"
 
 
+CACHE_DIR_TAG = "cache_dir"  # run tag: where its maps are cached (compare reads them back)
+
+
 def default_cache_dir() -> Path:
     """The user's cache directory for xai-exp (e.g. ~/.cache/xai-exp)."""
     import platformdirs

@@ -36,9 +36,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from xai_exp import plots
+from xai_exp.cache import CACHE_DIR_TAG, ExplanationCache
 from xai_exp.data import SUPPORTED_EXTENSIONS, safe_artifact_stem
 from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
+from xai_exp.method_agreement import MATRIX_COLUMNS, MapSource, agreement_matrix
+from xai_exp.outputs import KEYS_CSV
 from xai_exp.report import GalleryItem, gallery_rows, render_html, settings_text
 from xai_exp.results import METRICS, MetricSpec, Stat, Status, interval_names
 from xai_exp.statistics import mean_interval, paired_difference
@@ -91,6 +94,7 @@ PLOT_NAME = "iou_vs_threshold.png"
 HTML_NAME = "report.html"
 GRID_NAME = "iou_per_image.csv"  # IoU per image (rows) and setting (columns)
 PAIRED_NAME = "paired.csv"  # settings that differ in one key, compared on shared images
+MATRIX_NAME = "method_agreement.csv"  # method x method (and LIME) agreement from cached maps
 PAIRED_COLUMNS = (
     "differs_in",
     "a",
@@ -151,6 +155,7 @@ class Comparison:
     frame: pd.DataFrame  # `settings_frame` of the runs
     files: dict[str, Path] = field(default_factory=dict)
     paired: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PAIRED_COLUMNS)))
+    methods: pd.DataFrame = field(default_factory=pd.DataFrame)  # `method_agreement`
 
     @property
     def settings(self) -> list[str]:
@@ -526,6 +531,58 @@ def paired_comparisons(comparison: Comparison, metric: str = "iou") -> pd.DataFr
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
+def _run_keys(client: MlflowClient, run: Run, workdir: Path) -> dict[str, dict[str, str]]:
+    """A run's explanation_keys.csv: image -> cache keys (empty when the run has none)."""
+    run_id = run.info.run_id
+    try:
+        names = {info.path for info in client.list_artifacts(run_id)}
+        if KEYS_CSV not in names:
+            return {}
+        local = client.download_artifacts(run_id, KEYS_CSV, str(workdir / "keys" / run_id))
+    except (MlflowException, OSError):
+        return {}
+    frame = pd.read_csv(local, dtype=str, keep_default_na=False)
+    return {row["image"]: {k: row[k] for k in ("cam", "segments", "lime")} for _, row in
+            frame.iterrows()}  # fmt: skip
+
+
+def method_agreement(client: MlflowClient, comparison: Comparison, workdir: Path) -> pd.DataFrame:
+    """For settings that differ only in the method: every method pair's (LIME included) mean
+    top-f IoU and Spearman on their shared images, from the runs' cached maps
+    (`method_agreement.agreement_matrix`). `others` names the shared settings."""
+    groups = [(shown, rows) for shown, rows in setting_groups(comparison) if "method" in shown]
+    clusters: dict[str, list[tuple[dict[str, Any], pd.DataFrame]]] = {}
+    for shown, rows in groups:
+        others = {k: v for k, v in shown.items() if k != "method"}
+        clusters.setdefault(settings_text(others), []).append((shown, rows))
+    runs = {run.info.run_id: run for run in comparison.runs}
+    keys: dict[str, dict[str, dict[str, str]]] = {}
+    caches: dict[str, ExplanationCache] = {}
+    tables = []
+    for label, members in clusters.items():
+        if len(members) < 2:
+            continue
+        sources: dict[str, dict[str, MapSource]] = {}
+        for shown, rows in members:
+            found: dict[str, MapSource] = {}
+            for run_id, image in zip(rows["run_id"], rows["image"], strict=True):
+                if run_id not in keys:
+                    keys[run_id] = _run_keys(client, runs[run_id], workdir)
+                folder = runs[run_id].data.tags.get(CACHE_DIR_TAG)
+                if folder is None or image not in keys[run_id]:
+                    continue
+                cache = caches.setdefault(folder, ExplanationCache(folder))
+                found[image] = MapSource(cache, keys[run_id][image])
+            sources[str(shown["method"])] = found
+        fraction = float(members[0][0].get("cam_top_fraction", 0.1))
+        table = agreement_matrix(sources, fraction)
+        tables.append(table.assign(others=label, cam_top_fraction=fraction))
+    if not tables:
+        return pd.DataFrame(columns=["others", "cam_top_fraction", *MATRIX_COLUMNS])
+    found_all = pd.concat(tables, ignore_index=True)
+    return found_all[["others", "cam_top_fraction", *MATRIX_COLUMNS]]
+
+
 def write_outputs(
     client: MlflowClient,
     comparison: Comparison,
@@ -565,13 +622,24 @@ def write_outputs(
     grid.to_csv(grid_path)
     paired_path = out_dir / PAIRED_NAME
     comparison.paired.to_csv(paired_path, index=False)
+    comparison.methods = method_agreement(client, comparison, workdir)
+    matrix_path = out_dir / MATRIX_NAME
+    comparison.methods.to_csv(matrix_path, index=False)
     page = render_html(
-        title, meta, comparison.table, plot_path.read_bytes(), gallery, grid, comparison.paired
+        title,
+        meta,
+        comparison.table,
+        plot_path.read_bytes(),
+        gallery,
+        grid,
+        comparison.paired,
+        comparison.methods,
     )
     html_path = atomic_write_text(out_dir / HTML_NAME, page)
     comparison.files = {
         "csv": csv_path,
         "paired": paired_path,
+        "methods": matrix_path,
         "grid": grid_path,
         "plot": plot_path,
         "html": html_path,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from xai_exp.cache import ExplanationCache
+from xai_exp.cache import CACHE_DIR_TAG, ExplanationCache
 from xai_exp.config import (
     ConfigError,
     StudyConfig,
@@ -424,7 +424,8 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         with deferred():  # an interrupt while the run is created arrives once it can be closed
             run = start_run(store, cfg, context, out_dir) if store is not None else None
         if run is not None:
-            run.set_tags(model_tags(classifier))
+            cached = {CACHE_DIR_TAG: str(cache.directory)} if cache.enabled else {}
+            run.set_tags({**model_tags(classifier), **cached})
         reporter = SkipReporter()
         for file in images.skipped:
             reporter(file)

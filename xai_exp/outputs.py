@@ -26,6 +26,8 @@ from xai_exp.models import Classifier
 from xai_exp.results import ImageResult, Status, csv_columns
 
 RESULTS_CSV = "results.csv"
+KEYS_CSV = "explanation_keys.csv"  # per image the cache keys of its maps (for `compare`)
+KEY_COLUMNS = ("image", "cam", "segments", "lime")
 OVERLAYS = "overlays"  # the folder of per-image overlay figures
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -115,6 +117,9 @@ class ResultsWriter:
         self.columns = csv_columns()
         with self.csv_path.open("w", newline="", encoding="utf-8") as file:
             csv.DictWriter(file, fieldnames=self.columns).writeheader()
+        self.keys_path = out_dir / KEYS_CSV
+        with self.keys_path.open("w", newline="", encoding="utf-8") as file:
+            csv.writer(file).writerow(KEY_COLUMNS)
 
     def __call__(self, index: int, result: ImageResult) -> None:
         self.results.append(result)
@@ -124,6 +129,10 @@ class ResultsWriter:
         }
         with self.csv_path.open("a", newline="", encoding="utf-8") as file:
             csv.DictWriter(file, fieldnames=self.columns).writerow(row)
+        if result.cache_keys:
+            with self.keys_path.open("a", newline="", encoding="utf-8") as file:
+                keys = [result.cache_keys.get(kind, "") for kind in KEY_COLUMNS[1:]]
+                csv.writer(file).writerow([inert_cell(result.name), *keys])
         if result.status != Status.ERROR:
             self.overlays.offer(index, result.iou, lambda: self._draw(result))
         for source, curves in result.arrays.get("faithfulness", {}).items():
@@ -173,7 +182,7 @@ def write_run_files(
     Returns every file of the run (results.csv first), for upload.
     """
     out_dir, method, dpi = writer.out_dir, writer.method, writer.plots.dpi
-    files = [writer.csv_path]
+    files = [writer.csv_path, writer.keys_path]
     chart = plots.iou_bar_chart(writer.results, writer.setting)
     files.append(plots.save_figure(chart, writer.figure_path("iou_bar_chart"), dpi))
     if writer.curves:

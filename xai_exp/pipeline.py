@@ -412,6 +412,11 @@ class Study:
         result.lime_reused = lime_step.reused
         result.n_superpixels = int(segments.max()) + 1
         result.arrays.update(cam=cam, segments=segments, lime_weights=weights)
+        result.cache_keys = {
+            "cam": cam_step.key,
+            "segments": segment_step.key,
+            "lime": lime_step.key,
+        }
 
         reasons = []
         cam_mask = lime_mask = None

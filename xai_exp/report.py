@@ -173,6 +173,34 @@ def _paired(paired: pd.DataFrame | None) -> str:
     )
 
 
+def _methods(pairs: pd.DataFrame | None) -> str:
+    """Method x method matrices (mean top-f IoU, mean Spearman) per group of shared settings."""
+    if pairs is None or pairs.empty:
+        return ""
+    from xai_exp.method_agreement import as_matrix
+
+    parts = [
+        "<h2>Method agreement</h2>\n"
+        '<p class="meta">Settings that differ only in the method, on the images all methods '
+        "explained, from the cached maps (nothing recomputed): mean IoU of the two maps' top-f "
+        "masks and mean Spearman correlation of the maps; LIME as its per-pixel weights.</p>"
+    ]
+    for (others, fraction), part in pairs.groupby(["others", "cam_top_fraction"], sort=False):
+        images = int(part["images"].min())
+        for value, title in (
+            ("mean_iou", f"mean IoU, top {fraction:g}"),
+            ("mean_spearman", "mean Spearman"),
+        ):
+            table = as_matrix(part, value).to_html(
+                classes="comparison", border=0, na_rep="–", float_format=lambda v: f"{v:.3f}"
+            )
+            parts.append(
+                f"<h3>{html.escape(str(others) or 'all runs')}: {html.escape(title)} "
+                f'(n ≥ {images})</h3>\n<div class="table-wrap">{table}</div>'
+            )
+    return "\n".join(parts)
+
+
 def render_html(
     title: str,
     meta: Sequence[str],
@@ -181,6 +209,7 @@ def render_html(
     gallery: Sequence[GalleryItem],
     grid: pd.DataFrame | None = None,
     paired: pd.DataFrame | None = None,
+    methods: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one string; every value from the runs is HTML-escaped."""
     best = [item for item in gallery if item.kind == "best"]
@@ -212,6 +241,7 @@ resampling images, seeded); std is over images, not an interval.</p>
 <h2>Mean IoU vs CAM top fraction</h2>
 <div class="plot"><img alt="mean IoU vs CAM top fraction" src="{png_data_uri(plot_png)}"></div>
 {_paired(paired)}
+{_methods(methods)}
 {_grid(grid)}
 {_gallery("Best agreeing images (highest IoU)", best)}
 {_gallery("Worst agreeing images (lowest IoU)", worst)}

@@ -408,6 +408,7 @@ class ImageResult:
     segmentation_reused: bool = False
     values: dict[str, Value] = field(default_factory=dict)  # registered metrics by name
     arrays: dict[str, Any] = field(default_factory=dict, repr=False)
+    cache_keys: dict[str, str] = field(default_factory=dict)  # cam, segments, lime: cache keys
 
     @property
     def iou(self) -> float | None:
