@@ -10,6 +10,8 @@ CORE = [
     "xai_exp.labels",
     "xai_exp.statistics",
     "xai_exp.method_agreement",
+    "xai_exp.localisation",
+    "xai_exp.annotations",
     "xai_exp.explainers.cam",
     "xai_exp.explainers.fast_cam",
     "xai_exp.explainers.lime",

@@ -39,6 +39,9 @@ class DataConfig:
     max_file_mb: float = 200.0
     num_shards: int = 1
     shard: int = 0
+    # ground truth: a folder of object masks (by image stem), or boxes (a CSV, or ImageNet XML)
+    masks_dir: str | None = None
+    boxes: str | None = None
 
 
 @dataclass
@@ -299,7 +302,7 @@ def validate(cfg: StudyConfig) -> None:
 # Keys that the composed config ignores under a condition: (keys, ignored when, how to fix).
 IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], ...] = (
     (
-        ("data.recursive", "data.manifest", "data.max_file_mb"),
+        ("data.recursive", "data.manifest", "data.max_file_mb", "data.masks_dir", "data.boxes"),
         lambda cfg: cfg.data.source != "folder",
         "the bundled photos are used; add data=folder data.dir=PATH",
     ),

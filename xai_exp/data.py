@@ -80,6 +80,7 @@ class ImageItem:
     content_hash: str
     source: str
     label: str | None = None  # the true class as the data names it (folder, synset, manifest)
+    object_mask: np.ndarray | None = None  # HxW bool, the annotated object (data.masks_dir/boxes)
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,8 @@ class ImageSet:
         self.label_conflicts = list(label_conflicts)  # files whose manifest label lost
         self.stems = _unique_stems([file.name for file in self.files])
         self.on_skip: Callable[[SkippedFile], None] | None = None
+        # object annotations: (path, name, (height, width)) -> HxW bool mask or None
+        self.annotate: Callable[[Path, str, tuple[int, int]], np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -361,31 +364,44 @@ class ImageSet:
                 found.setdefault(file.label, []).append(file.name)
         return found
 
-    def _load(self, index: int) -> ImageItem | SkippedFile:
+    def _load(self, index: int) -> tuple[ImageItem | SkippedFile, SkippedFile | None]:
+        """The decoded image (or why not), and why its annotation is unusable (None if it is)."""
         file = self.files[index]
         try:
             image, digest = _load_with_hash(file.path, MAX_SIDE, self.max_bytes)
         except ImageLoadError as exc:
-            return SkippedFile(str(file.path), exc.reason)
-        return ImageItem(file.name, self.stems[index], image, digest, str(file.path), file.label)
+            return SkippedFile(str(file.path), exc.reason), None
+        mask, problem = None, None
+        if self.annotate is not None:
+            try:
+                mask = self.annotate(file.path, file.name, image.shape[:2])
+            except Exception as error:  # noqa: BLE001 - the image goes on without its annotation
+                problem = SkippedFile(
+                    str(file.path), f"annotation unusable: {_one_line(str(error))}"
+                )
+        item = ImageItem(
+            file.name, self.stems[index], image, digest, str(file.path), file.label, mask
+        )
+        return item, problem
 
     def __iter__(self) -> Iterator[ImageItem]:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xai-exp-decode")
-        pending: deque[Future[ImageItem | SkippedFile]] = deque()
+        pending: deque[Future[tuple[ImageItem | SkippedFile, SkippedFile | None]]] = deque()
         upcoming = iter(range(len(self.files)))
         try:
             for index in itertools.islice(upcoming, self.prefetch + 1):
                 pending.append(pool.submit(self._load, index))
             while pending:
-                loaded = pending.popleft().result()
+                loaded, problem = pending.popleft().result()
                 for index in itertools.islice(upcoming, 1):
                     pending.append(pool.submit(self._load, index))
-                if isinstance(loaded, SkippedFile):
-                    self.skipped.append(loaded)
-                    if self.on_skip is not None:
-                        self.on_skip(loaded)
-                    continue
-                yield loaded
+                for skipped in (loaded, problem):
+                    if isinstance(skipped, SkippedFile):
+                        self.skipped.append(skipped)
+                        if self.on_skip is not None:
+                            self.on_skip(skipped)
+                if isinstance(loaded, ImageItem):
+                    yield loaded
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -643,13 +659,15 @@ def select(
         files = [file for file in files if shard_of(file.name, num_shards) == shard]
         skipped = [s for s in skipped if shard_of(s.path, num_shards) == shard]
     kept = {file.name for file in files}
-    return ImageSet(
+    selected = ImageSet(
         files,
         skipped,
         max_bytes=images.max_bytes,
         prefetch=images.prefetch,
         label_conflicts=[name for name in images.label_conflicts if name in kept],
     )
+    selected.annotate = images.annotate
+    return selected
 
 
 def open_images(cfg: DataConfig) -> ImageSet:

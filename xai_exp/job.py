@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from xai_exp.annotations import Annotations
 from xai_exp.cache import CACHE_DIR_TAG, ExplanationCache
 from xai_exp.config import (
     ConfigError,
@@ -412,6 +413,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
     classifier = check_config(cfg)
     images = open_images(cfg.data)  # listed, not read: listing problems refuse the run
+    annotations = Annotations.open(cfg.data.masks_dir, cfg.data.boxes)
+    if annotations is not None:
+        images.annotate = annotations.object_mask
     cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     study = Study(cfg, classifier, cache)
     out_dir = Path(context.output_dir)

@@ -299,12 +299,22 @@ def load_classifier(cfg: ModelConfig, device: str = "auto") -> Classifier:
     )
 
 
-def fit_to_input(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic) and centre-crop: the explained view, uint8."""
-    pil = Image.fromarray(image)
+def _fit(pil: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
     width, height = pil.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    pil = pil.resize((new_w, new_h), resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
+    return pil.crop((left, top, left + size, top + size))
+
+
+def fit_to_input(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` (bicubic) and centre-crop: the explained view, uint8."""
+    fitted = _fit(Image.fromarray(image), size, Image.Resampling.BICUBIC)
+    return np.asarray(fitted, dtype=np.uint8).copy()
+
+
+def fit_mask_to_input(mask: np.ndarray, size: int) -> np.ndarray:
+    """A boolean mask of the image through the same resize and crop (nearest): the view's."""
+    fitted = _fit(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.Resampling.NEAREST)
+    return np.asarray(fitted) > 127

@@ -31,7 +31,7 @@ from xai_exp.masks import (
     signal_fraction,
 )
 from xai_exp.metrics import iou
-from xai_exp.models import Classifier, fit_to_input
+from xai_exp.models import Classifier, fit_mask_to_input, fit_to_input
 from xai_exp.results import Evidence, ImageResult, Status, computed_metrics
 from xai_exp.sanity import RandomisationResult, randomisation_check
 
@@ -457,6 +457,9 @@ class Study:
                 cam_mask=cam_mask,
                 lime_mask=lime_mask,
                 target=target,
+                object_mask=None
+                if item.object_mask is None
+                else fit_mask_to_input(item.object_mask, self.classifier.input_size),
                 faithfulness_of=lambda source, saliency: self.faithfulness(
                     view, saliency, (cam_step if source == "cam" else lime_step).key, target
                 ),

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from xai_exp import localisation
 from xai_exp.agreement import Agreement, agreement
 from xai_exp.config import ConfigError
 from xai_exp.errors import describe
 from xai_exp.masks import DegenerateMapError, lime_weight_map
-from xai_exp.metrics import summarize
+from xai_exp.metrics import iou, summarize
 from xai_exp.statistics import mean_interval
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class Evidence:
     target: int
     faithfulness_of: Callable[[str, np.ndarray], FaithfulnessCurves]
     sanity_of: Callable[[], RandomisationResult]
+    object_mask: np.ndarray | None = None  # HxW bool: the annotated object in the view
     problems: dict[str, str] = field(default_factory=dict)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -238,6 +240,43 @@ def _curve_auc(source: str, kind: str) -> Callable[[Evidence], Value]:
     return compute
 
 
+def _ground_truth(source: str, kind: str) -> Callable[[Evidence], Value]:
+    """A ground-truth metric of the CAM (`cam`) or LIME (`lime`): None without an annotation."""
+
+    def compute(evidence: Evidence) -> Value:
+        target = evidence.object_mask
+        if target is None or not target.any():
+            return None
+        if kind == "object_iou":
+            mask = evidence.cam_mask if source == "cam" else evidence.lime_mask
+            return None if mask is None else iou(mask, target)
+        saliency = evidence.cam if source == "cam" else evidence.lime_map
+        measure = {
+            "pointing_game": localisation.pointing_game,
+            "energy_pointing_game": localisation.energy_pointing_game,
+            "relevance_mass": localisation.relevance_mass,
+        }[kind]
+        return measure(saliency, target)
+
+    return compute
+
+
+GROUND_TRUTH = (
+    ("object_iou", "IoU of the {} mask with the annotated object", Stat.MEAN),
+    ("pointing_game", "a maximum of the {} map lies inside the object (Quantus)", Stat.RATE),
+    (
+        "energy_pointing_game",
+        "share of the {} map's positive energy inside the object (Score-CAM)",
+        Stat.MEAN,
+    ),
+    (
+        "relevance_mass",
+        "the {} map's sum inside the object over its total (Quantus relevance mass accuracy)",
+        Stat.MEAN,
+    ),
+)
+
+
 def _sanity_rho(evidence: Evidence) -> Value:
     check = evidence.sanity()
     if check is None or not math.isfinite(check.final_correlation):
@@ -374,6 +413,18 @@ for _spec in (
     ),
 ):
     register(_spec)
+for _source, _label in (("cam", "CAM"), ("lime", "LIME")):
+    for _kind, _text, _stat in GROUND_TRUTH:
+        register(
+            MetricSpec(
+                f"{_source}_{_kind}",
+                _text.format(_label),
+                Direction.HIGHER,
+                stats=(_stat,),
+                compute=_ground_truth(_source, _kind),
+                summary_names={Stat.RATE: f"{_source}_{_kind}_rate"},
+            )
+        )
 
 
 def csv_columns() -> tuple[str, ...]:
