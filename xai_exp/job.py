@@ -296,15 +296,25 @@ class ImageLogger:
         self.run.log_series(series)
 
 
+def mean_with_interval(summary: Mapping[str, float], name: str = "mean_iou") -> str:
+    """``0.191 [0.152, 0.236]``: a mean and its 95% interval (n/a when there is no mean)."""
+    mean = summary.get(name, math.nan)
+    if math.isnan(mean):
+        return "n/a"
+    low, high = summary.get(f"{name}_ci_low", math.nan), summary.get(f"{name}_ci_high", math.nan)
+    interval = "" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+    return f"{mean:.3f}{interval}"
+
+
 def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) -> str:
     """The run's description in the MLflow UI (Markdown): setting, result, where to look."""
-    mean = summary.get("mean_iou", math.nan)
-    shown = "n/a" if math.isnan(mean) else f"{mean:.3f}"
+    shown = mean_with_interval(summary)
     return (
         f"**{cfg.method.name} vs LIME-{cfg.lime.num_samples}** on `{cfg.model.arch}` "
         f"(target layer `{cfg.model.target_layer}`), CAM top {cfg.threshold.cam_top_fraction:g}, "
         f"LIME mask {cfg.threshold.lime_mode}.\n\n"
-        f"Mean IoU **{shown}** over {int(summary.get('n_compared', 0))} of "
+        f"Mean IoU **{shown}** (95% bootstrap interval) over "
+        f"{int(summary.get('n_compared', 0))} of "
         f"{int(summary.get('n_images', 0))} images "
         f"({int(summary.get('n_flagged', 0))} flagged, {int(summary.get('n_failed', 0))} failed)."
         "\n\nArtifacts: " + ", ".join(f"`{path.name}`" for path in files) + ", `overlays/`."
@@ -470,10 +480,10 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
                 f"{summary['n_failed']} failed); the reasons are in {writer.csv_path}"
             )
         log.info(
-            "%s vs LIME on %d images: mean IoU %.3f, median %.3f (%d computed, %d reused)",
+            "%s vs LIME on %d images: mean IoU %s (95%% CI), median %.3f (%d computed, %d reused)",
             cfg.method.name,
             len(results),
-            summary["mean_iou"],
+            mean_with_interval(summary),
             summary["median_iou"],
             study.computed,
             study.reused,
