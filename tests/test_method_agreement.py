@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_STUDY
 
+from xai_exp import cli
 from xai_exp import compare as cmp
 from xai_exp.agreement import rank_correlation
 from xai_exp.app import compose_config
@@ -21,7 +22,7 @@ from xai_exp.models import fit_to_input, load_classifier
 
 
 @pytest.mark.slow
-def test_a_method_sweep_gets_its_agreement_matrix_from_the_cache(tmp_path, monkeypatch):
+def test_a_method_sweep_gets_its_agreement_matrix_from_the_cache(tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = [*TINY_STUDY, "lime.num_samples=20", f"tracking.uri={uri}", f"cache.dir={tmp_path}/c"]
     for method in ("gradcam", "hirescam"):
@@ -62,3 +63,7 @@ def test_a_method_sweep_gets_its_agreement_matrix_from_the_cache(tmp_path, monke
     assert len(saved) == 3
     page = (tmp_path / "out" / cmp.HTML_NAME).read_text(encoding="utf-8")
     assert "Method agreement" in page
+    assert cli.main(["compare", "--tracking-uri", uri, "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out
+    assert "method agreement, mean_iou (top 0.1" in printed
+    assert "hirescam" in printed.split("method agreement, mean_iou")[1]

@@ -80,6 +80,7 @@ def _compare(args: argparse.Namespace) -> int:
     from xai_exp.compare import CompareError, compare, format_table
     from xai_exp.config import ConfigError
     from xai_exp.errors import describe
+    from xai_exp.method_agreement import as_matrix
     from xai_exp.results import load_plugins
     from xai_exp.tracking import TrackingError, redact_uri, scrub
 
@@ -102,6 +103,14 @@ def _compare(args: argparse.Namespace) -> int:
         print("paired comparisons (mean IoU difference a - b on shared images, 95% CI, Wilcoxon):")
         print(format_table(comparison.paired))
         print()
+    methods = comparison.methods
+    groups = methods.groupby(["others", "cam_top_fraction"], sort=False) if len(methods) else []
+    for (others, fraction), pairs in groups:
+        for value in ("mean_iou", "mean_spearman"):
+            print(f"method agreement, {value} (top {fraction:g}; {others or 'all runs'}; "
+                  f"n >= {int(pairs['images'].min())} shared images):")  # fmt: skip
+            print(as_matrix(pairs, value).round(3).to_string())
+            print()
     for path in comparison.files.values():
         print(f"wrote {path}")
     if args.parent:
