@@ -152,11 +152,9 @@ def _grid(grid: pd.DataFrame | None) -> str:
     )
 
 
-def _paired(paired: pd.DataFrame | None) -> str:
-    """The paired comparisons: settings that differ in one key, on the images both compared."""
-    if paired is None or paired.empty:
-        return ""
-    table = paired.to_html(
+def html_table(frame: pd.DataFrame) -> str:
+    """A table as escaped HTML: no index, 4 significant digits, missing values as a dash."""
+    return frame.to_html(
         index=False,
         classes="comparison",
         border=0,
@@ -164,6 +162,13 @@ def _paired(paired: pd.DataFrame | None) -> str:
         float_format=lambda value: f"{value:.4g}",
         escape=True,
     )
+
+
+def _paired(paired: pd.DataFrame | None) -> str:
+    """The paired comparisons: settings that differ in one key, on the images both compared."""
+    if paired is None or paired.empty:
+        return ""
+    table = html_table(paired)
     return (
         "<h2>Paired comparisons</h2>\n"
         '<p class="meta">Two settings that differ in one key, on the images both compared: mean '
@@ -214,14 +219,7 @@ def render_html(
     """The report page as one string; every value from the runs is HTML-escaped."""
     best = [item for item in gallery if item.kind == "best"]
     worst = [item for item in gallery if item.kind == "worst"]
-    table_html = table.to_html(
-        index=False,
-        classes="comparison",
-        border=0,
-        na_rep="–",
-        float_format=lambda value: f"{value:.4g}",
-        escape=True,
-    )
+    table_html = html_table(table)
     meta_html = "<br>".join(html.escape(line) for line in meta)
     return f"""<!DOCTYPE html>
 <html lang="en">
