@@ -304,7 +304,7 @@ IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], 
     (
         ("data.recursive", "data.manifest", "data.max_file_mb", "data.masks_dir", "data.boxes"),
         lambda cfg: cfg.data.source != "folder",
-        "the bundled photos are used; add data=folder data.dir=PATH",
+        "the bundled photos are used; add data.dir=PATH",
     ),
     (
         ("data.shard",),
