@@ -310,6 +310,8 @@ def test_data_dir_alone_is_honoured(tmp_path):
         (["metrics.steps=5"], "deletion/insertion is off; add metrics=faithfulness"),
         (["tracking.enabled=false", "tracking.uri=sqlite:///x.db"], "tracking is off"),
         (["data.shard=0"], "data.num_shards is 1"),
+        (["data.num_shards=2"], "data.num_shards=2 without data.shard runs shard 0 only"),
+        (["lime.seeds=[0,1]", "lime.seed=3"], "lime.seeds lists the seeds"),
         (
             ["metrics=faithfulness", "metrics.protocol=rise", "metrics.steps=5"],
             "metrics.protocol=rise fixes its own steps",

@@ -56,14 +56,14 @@ def test_a_method_sweep_gets_its_agreement_matrix_from_the_cache(tmp_path, monke
         ious.append(iou(*masks))
         rhos.append(rank_correlation(*maps))
     row = pairs[(pairs["a"] == "gradcam") & (pairs["b"] == "hirescam")].iloc[0]
-    assert row["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-6)
+    assert row["mean_top_f_iou"] == pytest.approx(np.mean(ious), abs=1e-6)
     assert row["mean_spearman"] == pytest.approx(np.mean(rhos), abs=1e-6)
-    assert as_matrix(pairs, "mean_iou").loc["hirescam", "gradcam"] == row["mean_iou"]
+    assert as_matrix(pairs, "mean_top_f_iou").loc["hirescam", "gradcam"] == row["mean_top_f_iou"]
     saved = pd.read_csv(tmp_path / "out" / cmp.MATRIX_NAME)
     assert len(saved) == 3
     page = (tmp_path / "out" / cmp.HTML_NAME).read_text(encoding="utf-8")
     assert "Method agreement" in page
     assert cli.main(["compare", "--tracking-uri", uri, "--out", str(tmp_path / "cli")]) == 0
     printed = capsys.readouterr().out
-    assert "method agreement, mean_iou (top 0.1" in printed
-    assert "hirescam" in printed.split("method agreement, mean_iou")[1]
+    assert "method agreement, mean_top_f_iou (top 0.1" in printed
+    assert "hirescam" in printed.split("method agreement, mean_top_f_iou")[1]

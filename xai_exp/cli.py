@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _compare(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from xai_exp.compare import CompareError, compare, format_table
+    from xai_exp.compare import CompareError, compare, format_table, terminal_view
     from xai_exp.config import ConfigError
     from xai_exp.errors import describe
     from xai_exp.method_agreement import as_matrix
@@ -97,7 +97,8 @@ def _compare(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(format_table(comparison.table))
+    print(format_table(terminal_view(comparison.table)))
+    print("(the intervals of every mean are in comparison.csv)")
     print()
     if not comparison.paired.empty:
         print("paired comparisons (mean IoU difference a - b on shared images, 95% CI, Wilcoxon):")
@@ -106,7 +107,7 @@ def _compare(args: argparse.Namespace) -> int:
     methods = comparison.methods
     groups = methods.groupby(["others", "cam_top_fraction"], sort=False) if len(methods) else []
     for (others, fraction), pairs in groups:
-        for value in ("mean_iou", "mean_spearman"):
+        for value in ("mean_top_f_iou", "mean_spearman"):
             print(f"method agreement, {value} (top {fraction:g}; {others or 'all runs'}; "
                   f"n >= {int(pairs['images'].min())} shared images):")  # fmt: skip
             print(as_matrix(pairs, value).round(3).to_string())

@@ -413,6 +413,12 @@ def latest_per_image(images: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     return ordered.drop_duplicates(subset=["image"], keep="last").drop(columns="_start")
 
 
+def terminal_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for a terminal: the intervals of `mean_iou` only (every one is in the CSV)."""
+    keep = set(interval_names("mean_iou"))
+    return table[[c for c in table.columns if not c.endswith(("_ci_low", "_ci_high")) or c in keep]]
+
+
 def format_table(table: pd.DataFrame) -> str:
     """The table as fixed-width text for a terminal."""
     if table.empty:

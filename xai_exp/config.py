@@ -328,6 +328,11 @@ IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], 
     ),
     (("cache.dir",), lambda cfg: not cfg.cache.enabled, "the cache is off; drop cache=off"),
     (
+        ("lime.seed",),
+        lambda cfg: bool(cfg.lime.seeds),
+        "lime.seeds lists the seeds; put this one in the list",
+    ),
+    (
         ("tracking.uri", "tracking.experiment", "tracking.run_name"),
         lambda cfg: not cfg.tracking.enabled,
         "tracking is off; drop tracking.enabled=false",
@@ -361,6 +366,11 @@ def ignored_overrides(cfg: StudyConfig, overrides: Iterable[str]) -> list[str]:
     """One line for each override that the composed config would not use."""
     keys = override_keys(overrides)
     problems = []
+    if "data.num_shards" in keys and "data.shard" not in keys and cfg.data.num_shards > 1:
+        problems.append(
+            f"data.num_shards={cfg.data.num_shards} without data.shard runs shard 0 only; set "
+            f"data.shard=K, or sweep -m data.shard=0,...,{cfg.data.num_shards - 1}"
+        )
     if "data.dir" in keys and cfg.data.source != "folder":
         problems.append("data.dir is ignored with data=bundled; drop data=bundled to use it")
     for names, ignored, fix in IGNORED_WHEN:

@@ -123,7 +123,7 @@ def report_labels(images: ImageSet, classes: ClassIndex, arch: str, shown: int =
         log.warning("%d more labels are unknown to %s", len(unknown) - shown, arch)
     if images.label_conflicts:
         log.warning(
-            "%d manifest labels differ from their class folder's (e.g. %s); the folder's is used",
+            "%d manifest label(s) differ from the class folder's (e.g. %s); the folder's is used",
             len(images.label_conflicts),
             images.label_conflicts[0],
         )
@@ -302,7 +302,7 @@ def mean_with_interval(summary: Mapping[str, float], name: str = "mean_iou") -> 
     if math.isnan(mean):
         return "n/a"
     low, high = summary.get(f"{name}_ci_low", math.nan), summary.get(f"{name}_ci_high", math.nan)
-    interval = "" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+    interval = "" if math.isnan(low) else f" [{low:.3f}, {high:.3f}] (95% CI)"
     return f"{mean:.3f}{interval}"
 
 
@@ -313,7 +313,7 @@ def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) 
         f"**{cfg.method.name} vs LIME-{cfg.lime.num_samples}** on `{cfg.model.arch}` "
         f"(target layer `{cfg.model.target_layer}`), CAM top {cfg.threshold.cam_top_fraction:g}, "
         f"LIME mask {cfg.threshold.lime_mode}.\n\n"
-        f"Mean IoU **{shown}** (95% bootstrap interval) over "
+        f"Mean IoU **{shown}** over "
         f"{int(summary.get('n_compared', 0))} of "
         f"{int(summary.get('n_images', 0))} images "
         f"({int(summary.get('n_flagged', 0))} flagged, {int(summary.get('n_failed', 0))} failed)."
@@ -480,10 +480,12 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
                 f"{summary['n_failed']} failed); the reasons are in {writer.csv_path}"
             )
         log.info(
-            "%s vs LIME on %d images: mean IoU %s (95%% CI), median %.3f (%d computed, %d reused)",
+            "%s vs LIME: mean IoU %s over %d compared of %d images, median %.3f "
+            "(%d computed, %d reused)",
             cfg.method.name,
-            len(results),
             mean_with_interval(summary),
+            summary["n_compared"],
+            len(results),
             summary["median_iou"],
             study.computed,
             study.reused,

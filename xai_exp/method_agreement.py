@@ -22,7 +22,7 @@ from xai_exp.masks import DegenerateMapError, cam_top_fraction_mask, lime_weight
 from xai_exp.metrics import iou
 
 LIME = "LIME"
-MATRIX_COLUMNS = ("a", "b", "images", "mean_iou", "mean_spearman")
+MATRIX_COLUMNS = ("a", "b", "images", "mean_top_f_iou", "mean_spearman")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def agreement_matrix(
                 "a": first,
                 "b": second,
                 "images": len(pairs),
-                "mean_iou": float(np.mean([p[0] for p in pairs])) if pairs else np.nan,
+                "mean_top_f_iou": float(np.mean([p[0] for p in pairs])) if pairs else np.nan,
                 "mean_spearman": float(np.mean([p[1] for p in pairs])) if pairs else np.nan,
             }
         )

@@ -188,12 +188,13 @@ def _methods(pairs: pd.DataFrame | None) -> str:
         "<h2>Method agreement</h2>\n"
         '<p class="meta">Settings that differ only in the method, on the images all methods '
         "explained, from the cached maps (nothing recomputed): mean IoU of the two maps' top-f "
-        "masks and mean Spearman correlation of the maps; LIME as its per-pixel weights.</p>"
+        "masks (LIME as its per-pixel weights, so not the table's IoU against LIME's top "
+        "superpixels) and mean Spearman correlation of the maps.</p>"
     ]
     for (others, fraction), part in pairs.groupby(["others", "cam_top_fraction"], sort=False):
         images = int(part["images"].min())
         for value, title in (
-            ("mean_iou", f"mean IoU, top {fraction:g}"),
+            ("mean_top_f_iou", f"mean IoU of both maps' top {fraction:g}"),
             ("mean_spearman", "mean Spearman"),
         ):
             table = as_matrix(part, value).to_html(
