@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xai_exp.data import SUPPORTED_EXTENSIONS, DataError, ImageLoadError, load_image
+from xai_exp.data import SUPPORTED_EXTENSIONS, DataError, ImageLoadError, load_image, name_keys
 
 Box = tuple[float, float, float, float]
 _MAX_XML_BYTES = 1 << 20
@@ -63,14 +62,14 @@ class Annotations:
 
     def object_mask(self, path: Path, name: str, shape: tuple[int, int]) -> np.ndarray | None:
         """The object as an HxW boolean mask of the loaded image (`shape`), or None."""
-        base = name.rsplit("/", 1)[-1]
-        stem = os.path.splitext(base)[0]
+        keys = name_keys(name)
+        stem = keys[-1]
         if self.masks_dir is not None:
             for extension in SUPPORTED_EXTENSIONS:
                 candidate = self.masks_dir / f"{stem}{extension}"
                 if candidate.is_file():
                     return _mask_file(candidate, shape)
-        boxes = next((self.boxes[k] for k in (name, base, stem) if k in self.boxes), None)
+        boxes = next((self.boxes[k] for k in keys if k in self.boxes), None)
         size = None
         if boxes is None and self.xml_dir is not None:
             candidate = self.xml_dir / f"{stem}.xml"

@@ -572,14 +572,19 @@ def read_manifest(path: str | Path) -> dict[str, str]:
     return {row[0].replace("\\", "/"): row[1] for row in rows}
 
 
+def name_keys(name: str) -> tuple[str, ...]:
+    """How a list file (manifest, boxes) may name an image: its relative path, file name, stem."""
+    base = name.rsplit("/", 1)[-1]
+    return tuple(dict.fromkeys((name, base, os.path.splitext(base)[0])))
+
+
 def _manifest_labels(
     manifest: dict[str, str], files: Sequence[ImageFile], folder: Path
 ) -> tuple[dict[str, str], list[SkippedFile]]:
     """Manifest labels by file name, and the manifest entries that name no listed file."""
     by_key: dict[str, str | None] = {}
     for file in files:  # a relative path, a bare file name or a stem; ambiguous ones unused
-        base = file.name.rsplit("/", 1)[-1]
-        for key in dict.fromkeys((file.name, base, os.path.splitext(base)[0])):
+        for key in name_keys(file.name):
             by_key[key] = file.name if key not in by_key else None
     labels: dict[str, str] = {}
     missing: list[SkippedFile] = []
