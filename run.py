@@ -4,9 +4,8 @@ The same as the installed `xai-exp run ...`; Python puts this file's folder on t
 so the checkout's `xai_exp` package is the one that runs.
 """
 
-import sys
-
 from xai_exp.app import main
+from xai_exp.cli import exit_fast
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main)

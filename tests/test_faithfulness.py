@@ -8,6 +8,7 @@ import torch
 from tiny_models import smooth_image, tiny_classifier
 from torch import nn
 
+from xai_exp import inference
 from xai_exp.faithfulness import (
     FaithfulnessCurves,
     baseline_image,
@@ -128,7 +129,9 @@ def test_batch_size_does_not_change_curves_and_bounds_batches():
     view = smooth_image(SIZE, 2)
     saliency = np.random.default_rng(1).random((SIZE, SIZE)).astype(np.float32)
     seen: list[int] = []
-    hook = classifier.model.register_forward_hook(lambda _m, args, _o: seen.append(len(args[0])))
+    inference.prepare_for_inference(classifier, "torch")
+    network = inference.inference_network(classifier)  # what runs the forward passes
+    hook = network.register_forward_hook(lambda _m, args, _o: seen.append(len(args[0])))
     try:
         results = {
             batch: deletion_insertion(classifier, view, saliency, 4, steps=10, batch_size=batch)

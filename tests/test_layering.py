@@ -16,6 +16,8 @@ CORE = [
     "xai_exp.explainers.fast_cam",
     "xai_exp.explainers.lime",
     "xai_exp.inference",
+    "xai_exp.onnx_engine",
+    "xai_exp.explainers.superpixels",
     "xai_exp.masks",
     "xai_exp.metrics",
     "xai_exp.agreement",

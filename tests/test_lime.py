@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from xai_exp.data import bundled_images
-from xai_exp.explainers import lime
+from xai_exp.explainers import lime, superpixels
 from xai_exp.models import fit_to_input, prepare_classifier
 
 SIZE = 48
@@ -66,7 +66,9 @@ def test_fast_lime_matches_lime_image(classifier, picture, hide_color):
 
 def test_fast_lime_matches_with_real_superpixels(classifier, picture):
     image, _ = picture
-    segments = lime.segment(image, "quickshift", {"kernel_size": 4, "max_dist": 200, "ratio": 0.2})
+    segments = superpixels.segment(
+        image, "quickshift", {"kernel_size": 4, "max_dist": 200, "ratio": 0.2}
+    )
     reference = run(lime.reference_lime, classifier, (image, segments))
     assert_close(reference, run(lime.fast_lime, classifier, (image, segments)))
 

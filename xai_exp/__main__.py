@@ -1,8 +1,6 @@
 """``python -m xai_exp``: the same command line as ``xai-exp``."""
 
-import sys
-
-from xai_exp.cli import main
+from xai_exp.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -80,6 +80,10 @@ class ExplanationCache:
             self._warned.add(topic)
             log.warning(message, *args)
 
+    def contains(self, kind: str, key: str) -> bool:
+        """Whether an entry is stored under `key` (not read or checked)."""
+        return self.enabled and self._path(kind, key).is_file()
+
     def load(self, kind: str, key: str) -> CacheEntry | None:
         """The entry stored under `key`, or None when absent, disabled, unreadable or damaged."""
         if not self.enabled:

@@ -10,9 +10,13 @@ Exit codes: 0 done, 2 a usage or store error (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import atexit
+import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "xai-exp"
@@ -132,5 +136,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # unreachable: argparse rejects unknown commands
 
 
+def exit_fast(command: Callable[[], int]) -> NoReturn:
+    """Run a command and end the process with its exit code, skipping the interpreter's
+    teardown of module state (torch, mlflow, pandas: ~2.5 s on the reference machine).
+
+    Exit handlers, logging and the standard streams are flushed first, as a normal exit does;
+    an unexpected exception still ends in the usual traceback.
+    """
+    try:
+        code = command()
+    except SystemExit as stop:
+        value = stop.code
+        if isinstance(value, str):
+            print(value, file=sys.stderr)
+            code = 1
+        else:
+            code = int(value or 0)
+    atexit._run_exitfuncs()  # what the interpreter would run (mlflow, loggers, temp files)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The `xai-exp` console script."""
+    exit_fast(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -145,6 +145,19 @@ class PlotsConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How forward-only passes run (Score-CAM, LIME, deletion/insertion).
+
+    `engine`: auto (ONNX Runtime on CPU in fp32 when the model exports cleanly, else torch),
+    torch or onnxruntime. `workers`: CPU processes that compute the superpixels of the next
+    images while the current one is explained; null picks (GPU: up to 4, CPU: 0, inline).
+    """
+
+    engine: str = "auto"
+    workers: int | None = None
+
+
+@dataclass
 class StudyConfig:
     """The whole run: one model, one image set, one CAM method against LIME."""
 
@@ -158,6 +171,7 @@ class StudyConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     plots: PlotsConfig = field(default_factory=PlotsConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     device: str = "auto"
     precision: str = "fp32"
     progress: bool = True
@@ -165,6 +179,8 @@ class StudyConfig:
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+ENGINES = ("auto", "torch", "onnxruntime")
+MAX_WORKERS = 64
 IMPLEMENTATIONS = ("fast", "reference")
 LIME_MODES = ("top_k", "area_matched")
 SEGMENTATIONS = ("quickshift", "slic", "felzenszwalb")
@@ -265,6 +281,21 @@ def validate(cfg: StudyConfig) -> None:
     _check_choice(cfg.lime.segmentation.algorithm, SEGMENTATIONS, "lime.segmentation.algorithm")
     _check_choice(cfg.device, DEVICES, "device")
     _check_choice(cfg.precision, PRECISIONS, "precision")
+    _check_choice(cfg.inference.engine, ENGINES, "inference.engine")
+    _check(
+        not (cfg.inference.engine == "onnxruntime" and cfg.precision != "fp32"),
+        "inference.engine=onnxruntime runs fp32 only; drop precision=bf16 or use "
+        "inference.engine=torch",
+    )
+    _check(
+        not (cfg.inference.engine == "onnxruntime" and cfg.device == "cuda"),
+        "inference.engine=onnxruntime runs on the CPU; with device=cuda use inference.engine=auto",
+    )
+    workers = cfg.inference.workers
+    _check(
+        workers is None or 0 <= workers <= MAX_WORKERS,
+        f"inference.workers={workers} must be null (auto) or 0..{MAX_WORKERS} (0: inline)",
+    )
     _check_choice(cfg.data.source, DATA_SOURCES, "data.source")
     _check(
         cfg.data.source != "folder" or bool(cfg.data.dir),

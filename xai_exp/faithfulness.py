@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
+from xai_exp import inference
 from xai_exp.agreement import curve_area
 from xai_exp.config import BASELINES, FAITHFULNESS_PROTOCOLS
 from xai_exp.masks import check_map
@@ -159,8 +160,8 @@ def deletion_insertion(
             keep_original = changed ^ deletes
             substrate = torch.where(deletes, substrates[0], substrates[1])
             batch = torch.where(keep_original, original, substrate)
-            logits = classifier.model(batch)
-            probabilities.append(logits.float().softmax(dim=-1)[:, target_class].cpu())
+            logits = inference.forward_logits(classifier, batch, "fp32")
+            probabilities.append(logits.softmax(dim=-1)[:, target_class].cpu())
     scores = torch.cat(probabilities).double().numpy()
     return FaithfulnessCurves.from_scores(
         counts / pixels, scores[:points], scores[points:], protocol

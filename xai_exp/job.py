@@ -41,7 +41,7 @@ from xai_exp.data import (
 )
 from xai_exp.errors import describe
 from xai_exp.explainers.cam import check_method
-from xai_exp.explainers.lime import check_segmentation
+from xai_exp.explainers.superpixels import check_segmentation
 from xai_exp.files import atomic_write_text
 from xai_exp.labels import ClassIndex
 from xai_exp.models import Classifier, load_classifier, resolve_device
@@ -439,7 +439,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             run = start_run(store, cfg, context, out_dir) if store is not None else None
         if run is not None:
             cached = {CACHE_DIR_TAG: str(cache.directory)} if cache.enabled else {}
-            run.set_tags({**model_tags(classifier), **cached})
+            run.set_tags({**model_tags(classifier), "inference_engine": study.engine, **cached})
         reporter = SkipReporter()
         for file in images.skipped:
             reporter(file)
@@ -453,6 +453,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             setting=describe_setting(cfg),
             plots=cfg.plots,
             overlays=OverlayPlan(overlay_cap(cfg.outputs.overlays), len(images)),
+            figures=cache,
         )
         seconds: dict[str, float] = {}
         results = run_study(study, images, writer, cfg.progress, seconds)
@@ -467,7 +468,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             "explanations_reused": study.reused,
             **{f"seconds_{phase}": value for phase, value in seconds.items()},
         }
-        params = explanation_params(cfg, classifier, study.versions)
+        params = explanation_params(cfg, classifier, study.versions, study.engine)
         files = write_run_files(writer, params, summary, images.skipped)
         if run is not None and hook is not None:
             log_results(run, cfg.method.name, summary, files, results)
@@ -496,6 +497,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         error = caught
         raise
     finally:
+        study.close()
         if run is not None:
             with shielded():  # a second Ctrl-C or SIGTERM cannot leave the run RUNNING
                 if error is not None:

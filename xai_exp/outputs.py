@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from xai_exp import plots
+from xai_exp.cache import ExplanationCache
 from xai_exp.config import PlotsConfig, StudyConfig
 from xai_exp.data import SkippedFile
 from xai_exp.faithfulness import FaithfulnessCurves
-from xai_exp.files import atomic_write_text
+from xai_exp.files import atomic_path, atomic_write_text
 from xai_exp.models import Classifier
 from xai_exp.results import ImageResult, Status, csv_columns
 
@@ -29,6 +30,7 @@ RESULTS_CSV = "results.csv"
 KEYS_CSV = "explanation_keys.csv"  # per image the cache keys of its maps (for `compare`)
 KEY_COLUMNS = ("image", "cam", "segments", "lime")
 OVERLAYS = "overlays"  # the folder of per-image overlay figures
+FIGURE_KIND = "figures"  # cache folder of rendered overlays
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 ImageHook = Callable[[int, ImageResult], None]
@@ -104,8 +106,10 @@ class ResultsWriter:
         setting: str = "",
         plots: PlotsConfig | None = None,
         overlays: OverlayPlan | None = None,
+        figures: ExplanationCache | None = None,
     ) -> None:
         self.out_dir = out_dir
+        self.figures = figures  # rendered overlays by fingerprint: a rerun copies, not draws
         self.method = method
         self.on_image = on_image
         self.setting = setting or f"{method} vs LIME"
@@ -143,7 +147,18 @@ class ResultsWriter:
 
     def _draw(self, result: ImageResult) -> Path:
         path = self.figure_path(f"{OVERLAYS}/{result.artifact_stem}")
+        key = None
+        if self.figures is not None and self.figures.enabled:
+            key = plots.overlay_fingerprint(result, self.method, self.plots.dpi, path.suffix)
+            entry = self.figures.load(FIGURE_KIND, key)
+            if entry is not None and "drawing" in entry.arrays:
+                with atomic_path(path, suffix=path.suffix) as temp:
+                    temp.write_bytes(entry.arrays["drawing"].tobytes())
+                return path
         plots.save_figure(plots.overlay_figure(result, self.method), path, self.plots.dpi)
+        if key is not None and self.figures is not None:
+            drawn = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+            self.figures.store(FIGURE_KIND, key, {"drawing": drawn}, {"kind": FIGURE_KIND})
         return path
 
     def figure_path(self, name: str) -> Path:
@@ -152,7 +167,7 @@ class ResultsWriter:
 
 
 def explanation_params(
-    cfg: StudyConfig, classifier: Classifier, versions: dict[str, str]
+    cfg: StudyConfig, classifier: Classifier, versions: dict[str, str], engine: str
 ) -> dict[str, Any]:
     """What determines the explanations, as JSON (never pickled)."""
     return {
@@ -167,6 +182,7 @@ def explanation_params(
         "threshold": dataclasses.asdict(cfg.threshold),
         "precision": cfg.precision,
         "device": str(classifier.device),
+        "inference_engine": engine,
         "versions": versions,
     }
 

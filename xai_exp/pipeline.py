@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -19,6 +21,7 @@ from xai_exp.data import ImageItem
 from xai_exp.errors import describe
 from xai_exp.explainers import lime as lime_explainer
 from xai_exp.explainers.cam import compute_cam
+from xai_exp.explainers.superpixels import SuperpixelWorkers, segment
 from xai_exp.faithfulness import FaithfulnessCurves, deletion_insertion
 from xai_exp.inference import prepare_for_inference
 from xai_exp.labels import ClassIndex
@@ -38,11 +41,12 @@ from xai_exp.sanity import RandomisationResult, randomisation_check
 log = logging.getLogger(__name__)
 
 ALGORITHM_VERSION = 1  # bump when a change alters what an explanation computes
+FORWARD_ONLY = ("scorecam",)  # CAM methods whose fast path runs logits-only forward passes
 
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose output we cache and log."""
-    names = ("torch", "torchvision", "grad-cam", "lime", "scikit-image", "xai-exp")
+    names = ("torch", "torchvision", "grad-cam", "lime", "scikit-image", "onnxruntime", "xai-exp")
     found = {}
     for name in names:
         try:
@@ -50,6 +54,16 @@ def library_versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - an uninstalled checkout still runs
             found[name] = "unknown"
     return found
+
+
+def superpixel_worker_count(setting: int | None, device_type: str) -> int:
+    """inference.workers as it applies: null gives a GPU up to 4 workers, a CPU none (its
+    cores run the forward passes)."""
+    if setting is not None:
+        return setting
+    if device_type == "cpu":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def _shape_problem(
@@ -102,22 +116,36 @@ class Study:
                 f"method.target_class={target} is out of range: the model has "
                 f"{len(classifier.labels)} classes (0..{len(classifier.labels) - 1})"
             )
-        prepare_for_inference(classifier)
+        self.engine = prepare_for_inference(
+            classifier,
+            cfg.inference.engine,
+            cfg.precision,
+            graph_dir=cache.directory if cache.enabled else None,
+        )
+        workers = superpixel_worker_count(cfg.inference.workers, classifier.device.type)
+        segmentation = cfg.lime.segmentation
+        self.workers = (
+            SuperpixelWorkers(workers, segmentation.algorithm, segmentation.params)
+            if workers
+            else None
+        )
+        self.prefetch_depth = 2 * workers
 
     # -- cached steps --------------------------------------------------------------------------
     def _cached(
         self,
         kind: str,
         key: str,
-        compute: Callable[[], dict[str, np.ndarray]],
+        compute: Callable[[], dict[str, np.ndarray] | tuple[dict[str, np.ndarray], float]],
         expected: Mapping[str, tuple[int | None, ...]],
         count: bool = True,
     ) -> Step:
         """The step from the cache, or computed now and stored.
 
-        `expected` gives each array's shape (None: any length); a cached entry without them
-        is discarded and recomputed. `count` says whether it is an explanation (counted in
-        computed/reused) or a metric.
+        `compute` returns the arrays, or the arrays and the seconds spent elsewhere (a worker
+        process). `expected` gives each array's shape (None: any length); a cached entry
+        without them is discarded and recomputed. `count` says whether it is an explanation
+        (counted in computed/reused) or a metric.
         """
         entry = self.cache.load(kind, key)
         if entry is not None:
@@ -127,11 +155,18 @@ class Study:
                 return Step(entry.arrays, float(entry.meta["seconds"]), True, key)
             self.cache.discard(kind, key, problem or "no seconds recorded")
         start = time.perf_counter()
-        arrays = compute()
+        output = compute()
         seconds = time.perf_counter() - start
+        arrays, seconds = output if isinstance(output, tuple) else (output, seconds)
         self.computed += count
         self.cache.store(kind, key, arrays, {"seconds": seconds, "kind": kind})
         return Step(arrays, seconds, False, key)
+
+    def _engine_key(self, runs_forward_passes: bool) -> dict[str, Any]:
+        """The engine, for steps whose forward passes it runs (torch keeps the older keys)."""
+        if runs_forward_passes and self.engine != "torch":
+            return {"engine": self.engine, "engine_version": self.versions["onnxruntime"]}
+        return {}
 
     def _base_key(self, item: ImageItem) -> dict[str, Any]:
         return {
@@ -165,6 +200,7 @@ class Study:
             precision=self.precision,
             target=target,
             versions=[self.versions[n] for n in ("torch", "torchvision", "grad-cam")],
+            **self._engine_key(method.name in FORWARD_ONLY and method.implementation == "fast"),
         )
         return self._cached(
             "cam",
@@ -173,23 +209,44 @@ class Study:
             {"cam": view.shape[:2]},
         )
 
-    def segments(self, item: ImageItem, view: np.ndarray) -> Step:
-        """LIME superpixels (``arrays["segments"]``), independent of model and sample count."""
+    def _segments_key(self, item: ImageItem) -> str:
         seg = self.cfg.lime.segmentation
-        params = dict(seg.params)
-        key = cache_key(
+        return cache_key(
             **self._base_key(item),
             kind="segments",
             algorithm=seg.algorithm,
-            params=params,
+            params=dict(seg.params),
             versions=[self.versions[n] for n in ("scikit-image", "lime")],
         )
-        return self._cached(
-            "segments",
-            key,
-            lambda: {"segments": lime_explainer.segment(view, seg.algorithm, params)},
-            {"segments": view.shape[:2]},
-        )
+
+    def segments(self, item: ImageItem, view: np.ndarray) -> Step:
+        """LIME superpixels (``arrays["segments"]``), independent of model and sample count.
+
+        Taken from the superpixel workers when `prefetch` queued them there.
+        """
+        seg = self.cfg.lime.segmentation
+        key = self._segments_key(item)
+
+        def compute() -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], float]:
+            queued = self.workers.take(key) if self.workers is not None else None
+            if queued is not None:
+                return {"segments": queued[0]}, queued[1]
+            return {"segments": segment(view, seg.algorithm, dict(seg.params))}
+
+        return self._cached("segments", key, compute, {"segments": view.shape[:2]})
+
+    def prefetch(self, item: ImageItem) -> None:
+        """Queue the image's superpixels in a worker process, unless they are cached."""
+        if self.workers is None:
+            return
+        key = self._segments_key(item)
+        if not self.cache.contains("segments", key):
+            self.workers.submit(key, fit_to_input(item.image, self.classifier.input_size))
+
+    def close(self) -> None:
+        """Stop the superpixel workers."""
+        if self.workers is not None:
+            self.workers.close()
 
     def lime(
         self, item: ImageItem, view: np.ndarray, segments: Step, target: int, seed: int
@@ -208,6 +265,7 @@ class Study:
             implementation=cfg.implementation,
             precision=self.precision,
             versions=[self.versions[n] for n in ("torch", "torchvision", "lime")],
+            **self._engine_key(cfg.implementation == "fast"),
         )
         explain = (
             lime_explainer.fast_lime
@@ -248,6 +306,7 @@ class Study:
                 else {"steps": metrics.steps, "baseline": metrics.baseline}
             ),
             algorithm_version=ALGORITHM_VERSION,
+            **self._engine_key(True),
         )
 
         def compute() -> dict[str, np.ndarray]:
@@ -370,6 +429,13 @@ class Study:
     # -- one image -----------------------------------------------------------------------
     def explain(self, item: ImageItem) -> ImageResult:
         """Predict, explain and compare one image; degenerate maps are flagged, not masked."""
+        try:
+            return self._explain(item)
+        finally:
+            if self.workers is not None:
+                self.workers.forget(self._segments_key(item))
+
+    def _explain(self, item: ImageItem) -> ImageResult:
         result = ImageResult(name=item.name, artifact_stem=item.artifact_stem)
         view = fit_to_input(item.image, self.classifier.input_size)
         result.arrays["image"] = view
@@ -477,6 +543,27 @@ class Study:
         return result
 
 
+def _ahead(
+    items: Iterable[ImageItem], depth: int, prefetch: Callable[[ImageItem], None]
+) -> Iterator[ImageItem]:
+    """The items in order, with up to `depth` more already drawn and handed to `prefetch`
+    (whose failures are left for the image's own turn)."""
+    if depth <= 0:
+        yield from items
+        return
+    waiting: collections.deque[ImageItem] = collections.deque()
+    for item in items:
+        try:
+            prefetch(item)
+        except Exception as error:  # noqa: BLE001 - the image fails (or not) when explained
+            log.debug("prefetch of %s failed: %s", item.name, describe(error))
+        waiting.append(item)
+        if len(waiting) > depth:
+            yield waiting.popleft()
+    while waiting:
+        yield waiting.popleft()
+
+
 def run_study(
     study: Study,
     items: Iterable[ImageItem],
@@ -496,7 +583,7 @@ def run_study(
     total = len(items) if isinstance(items, Sized) else None
     results: list[ImageResult] = []
     bar = tqdm(total=total, desc="explaining", unit="image", disable=not progress, leave=False)
-    stream = iter(items)
+    stream = _ahead(items, study.prefetch_depth, study.prefetch)
     clock = time.perf_counter()
     for index, item in enumerate(stream):
         now = time.perf_counter()

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from skimage.segmentation import mark_boundaries
 
 from xai_exp.files import atomic_path
 from xai_exp.results import ImageResult
@@ -70,9 +69,44 @@ def agreement_image(image: np.ndarray, cam_mask: np.ndarray, lime_mask: np.ndarr
     return np.clip(shown, 0.0, 1.0)
 
 
+OVERLAY_ARRAYS = ("image", "cam", "segments", "lime_weights", "cam_mask", "lime_mask")
+OVERLAY_FIELDS = (  # every ImageResult field `overlay_figure` draws: keep in step with it
+    "name",
+    "predicted_label",
+    "predicted_class",
+    "probability",
+    "true_label",
+    "true_class",
+    "target_label",
+    "iou",
+    "reason",
+)
+
+
+def overlay_fingerprint(result: ImageResult, method: str, dpi: int, suffix: str) -> str:
+    """What `overlay_figure` draws from, with this module's code and matplotlib's version:
+    one fingerprint, one file (a rerun copies the file instead of drawing it again)."""
+    import hashlib
+
+    import matplotlib
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    fields = {name: getattr(result, name) for name in OVERLAY_FIELDS}
+    digest.update(repr((fields, method, dpi, suffix, matplotlib.__version__)).encode())
+    for name in OVERLAY_ARRAYS:
+        array = result.arrays.get(name)
+        digest.update(f"|{name}|".encode())
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def overlay_figure(result: ImageResult, method: str) -> Figure:
     """Image, CAM map, LIME weights (each with a colorbar) and where the two masks agree."""
     from matplotlib.patches import Patch
+    from skimage.segmentation import mark_boundaries
 
     arrays = result.arrays
     image = arrays["image"]

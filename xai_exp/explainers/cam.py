@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from xai_exp.config import ConfigError
 from xai_exp.models import Classifier
@@ -33,6 +32,14 @@ CAM_METHODS: dict[str, str] = {
 }
 # grad-cam modules that print their own tqdm progress bars.
 _NOISY_MODULES = ("pytorch_grad_cam.score_cam", "pytorch_grad_cam.ablation_cam")
+
+
+def _classifier_target(target_class: int) -> object:
+    # grad-cam (and the torchvision/OpenCV it loads) is imported when a map is computed, not
+    # when a fully cached run starts
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    return ClassifierOutputTarget(target_class)
 
 
 def check_method(name: str) -> None:
@@ -87,7 +94,7 @@ def reference_cam(
                 cam.batch_size = batch_size
             grayscale = cam(
                 input_tensor=input_tensor.to(classifier.device),
-                targets=[ClassifierOutputTarget(target_class)],
+                targets=[_classifier_target(target_class)],
             )
         finally:
             cam.activations_and_grads.release()

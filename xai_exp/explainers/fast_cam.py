@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
-from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 
 from xai_exp import inference
@@ -79,6 +78,8 @@ def _finish_cam(weights: np.ndarray, activations: np.ndarray, size: tuple[int, i
 
     weights: C float32; activations: Cxhxw float32; size: (width, height). Returns HxW float32.
     """
+    from pytorch_grad_cam.utils.image import scale_cam_image  # imported when first needed
+
     weighted = weights[None, :, None, None] * activations[None]
     cam = np.maximum(weighted.sum(axis=1), 0)
     scaled = scale_cam_image(cam, size)  # per-layer scaling + cv2 resize

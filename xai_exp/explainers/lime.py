@@ -11,17 +11,11 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import sklearn.metrics
 import torch
-from lime import lime_base, lime_image
-from lime.wrappers.scikit_image import SegmentationAlgorithm
-from sklearn.utils import check_random_state
 
 from xai_exp import inference
-from xai_exp.config import ConfigError
 from xai_exp.models import Classifier
 
 KERNEL_WIDTH = 0.25  # lime_image's default
@@ -35,32 +29,6 @@ class LimeExplanation:
     weights: np.ndarray  # n float, surrogate weight per superpixel id
     intercept: float
     score: float
-
-
-def check_segmentation(algorithm: str, params: dict[str, Any]) -> None:
-    """ConfigError for a parameter the scikit-image algorithm does not take, or not a number."""
-    import inspect
-
-    import skimage.segmentation
-
-    accepted = inspect.signature(getattr(skimage.segmentation, algorithm)).parameters
-    for name, value in params.items():
-        key = f"lime.segmentation.params.{name}"
-        if name not in accepted or name == "image":
-            options = ", ".join(p for p in accepted if p != "image")
-            raise ConfigError(f"{key}: {algorithm} takes no {name!r} (it takes: {options})")
-        if value is not None and not isinstance(value, int | float | bool):
-            raise ConfigError(f"{key}={value!r} must be a number")
-
-
-def segment(image: np.ndarray, algorithm: str, params: dict[str, Any]) -> np.ndarray:
-    """Superpixels with lime's SegmentationAlgorithm, relabelled to contiguous ids 0..n-1.
-
-    lime indexes features by superpixel id, so ids must be 0..n-1 (slic starts at 1).
-    """
-    segments = SegmentationAlgorithm(algorithm, **params)(image)
-    _, contiguous = np.unique(segments, return_inverse=True)
-    return contiguous.reshape(segments.shape).astype(np.int32)
 
 
 def fudged_image(image: np.ndarray, segments: np.ndarray, hide_color: int | None) -> np.ndarray:
@@ -77,6 +45,8 @@ def fudged_image(image: np.ndarray, segments: np.ndarray, hide_color: int | None
 
 @contextlib.contextmanager
 def _quiet_lime() -> Iterator[None]:
+    from lime import lime_image
+
     original = lime_image.tqdm
     lime_image.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
@@ -98,6 +68,8 @@ def reference_lime(
     precision: str = "fp32",
 ) -> LimeExplanation:
     """lime_image.LimeImageExplainer, exactly as the package runs it, on given superpixels."""
+    from lime import lime_image
+
     explainer = lime_image.LimeImageExplainer(random_state=seed)
     with _quiet_lime():
         explanation = explainer.explain_instance(
@@ -149,6 +121,9 @@ def perturbed_probabilities(
     hidden = classifier.normalised_pixels(fudged)
     segment_ids = torch.from_numpy(segments.astype(np.int64)).to(device)
     switches = torch.from_numpy(np.asarray(data, dtype=bool)).to(device)
+    chunk = inference.max_batch(device)
+    if chunk is not None and batch_size > chunk:
+        batch_size -= batch_size % chunk  # whole forward chunks: one short chunk at the end
     probabilities = []
     with torch.inference_mode():
         for start in range(0, len(data), max(1, batch_size)):
@@ -172,6 +147,11 @@ def fast_lime(
     precision: str = "fp32",
 ) -> LimeExplanation:
     """Same explanation as `reference_lime`, with batched on-device perturbations."""
+    # lime and scikit-learn load when LIME runs, not when a fully cached run starts
+    import sklearn.metrics
+    from lime import lime_base
+    from sklearn.utils import check_random_state
+
     random_state = check_random_state(seed)
     n_features = int(segments.max()) + 1
     data = perturbation_matrix(random_state, num_samples, n_features)
