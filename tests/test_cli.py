@@ -53,6 +53,9 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
     assert params["lime.num_samples"] == "30"
     assert params["threshold.cam_top_fraction"] == "0.1"
     assert params["model.arch"] == "resnet18"
+    assert params["inference.engine"] == "auto"
+    assert run.data.tags["inference_engine"] == "onnxruntime"  # auto on a CPU
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # the graph, cached for reruns
     metrics = run.data.metrics
     assert 0 <= metrics["mean_iou"] <= 1
     assert {

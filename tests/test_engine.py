@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from tiny_models import TinyCNN
 from torch import nn
 
-from tests.tiny_models import TinyCNN
 from xai_exp import inference, onnx_engine
 from xai_exp.config import ConfigError, ModelConfig, StudyConfig, validate
 from xai_exp.data import bundled_images

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
+from tiny_models import smooth_image, tiny_classifier
 
-from tests.tiny_models import smooth_image, tiny_classifier
 from xai_exp import pipeline
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import LimeConfig, StudyConfig

@@ -98,6 +98,8 @@ def unknown_override(args: Sequence[str]) -> str | None:
             continue  # the user adds or removes a key on purpose
         if key in known or key.startswith(("hydra.", "hydra/", "lime.segmentation.params.")):
             continue
+        if key.startswith("model.kwargs."):  # an open dict, empty in every preset
+            return f"{key} is a timm.create_model argument: add it with +{key}=VALUE"
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"unknown config key {key!r}{hint} (xai-exp run --help lists groups and keys)"

@@ -15,11 +15,14 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which classifier to explain and where to look inside it."""
 
+    source: str = "auto"  # auto (bundled or torchvision by arch), torchvision, timm
     arch: str = "efficientnet_lite0"
     weights: str | None = "bundled"
-    target_layer: str = "bn2"
+    target_layer: str | None = "bn2"  # null: the architecture family's default
     checkpoint: str | None = None
-    input_size: int = 224
+    input_size: int | None = 224  # null: the model's own (timm data config, weights transforms)
+    preprocess: str = "model"  # model: its crop fraction and interpolation; square: full crop
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model arguments
 
 
 @dataclass
@@ -180,6 +183,8 @@ class StudyConfig:
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
+MODEL_SOURCES = ("auto", "torchvision", "timm")
+PREPROCESSING = ("model", "square")
 MAX_WORKERS = 64
 IMPLEMENTATIONS = ("fast", "reference")
 LIME_MODES = ("top_k", "area_matched")
@@ -310,10 +315,13 @@ def validate(cfg: StudyConfig) -> None:
         f"data.shard={data.shard} must be in 0..{data.num_shards - 1} (data.num_shards="
         f"{data.num_shards})",
     )
+    size = cfg.model.input_size
     _check(
-        8 <= cfg.model.input_size <= MAX_INPUT_SIZE,
-        f"model.input_size={cfg.model.input_size} must be in 8..{MAX_INPUT_SIZE} pixels",
+        size is None or 8 <= size <= MAX_INPUT_SIZE,
+        f"model.input_size={size} must be null (the model's own) or 8..{MAX_INPUT_SIZE} pixels",
     )
+    _check_choice(cfg.model.source, MODEL_SOURCES, "model.source")
+    _check_choice(cfg.model.preprocess, PREPROCESSING, "model.preprocess")
     _check(cfg.metrics.steps >= 1, f"metrics.steps={cfg.metrics.steps} must be >= 1")
     _check(cfg.metrics.batch_size >= 1, f"metrics.batch_size={cfg.metrics.batch_size} must be >= 1")
     _check_choice(cfg.metrics.baseline, BASELINES, "metrics.baseline")
@@ -358,6 +366,11 @@ IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], 
         "the randomisation check is off; add metrics.sanity=true",
     ),
     (("cache.dir",), lambda cfg: not cfg.cache.enabled, "the cache is off; drop cache=off"),
+    (
+        ("model.kwargs",),
+        lambda cfg: cfg.model.source != "timm",
+        "they are timm.create_model's arguments; add model=timm",
+    ),
     (
         ("lime.seed",),
         lambda cfg: bool(cfg.lime.seeds),

@@ -40,7 +40,7 @@ from xai_exp.data import (
     open_images,
 )
 from xai_exp.errors import describe
-from xai_exp.explainers.cam import check_method
+from xai_exp.explainers.cam import cam_implementation, check_method
 from xai_exp.explainers.superpixels import check_segmentation
 from xai_exp.files import atomic_write_text
 from xai_exp.labels import ClassIndex
@@ -223,12 +223,18 @@ def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:
     return tags
 
 
-def model_tags(classifier: Classifier) -> dict[str, str]:
-    """Tags known once the model is loaded."""
+def model_tags(classifier: Classifier, cfg: StudyConfig) -> dict[str, str]:
+    """Tags known once the model is loaded: what runs, and which implementation of each map."""
     return {
         "model": classifier.arch,
         "model_identity": classifier.identity,
+        "model_family": classifier.family.name if classifier.family else "",
+        "target_layer": classifier.target_layer_name,
         "device": str(classifier.device),
+        "cam_implementation": cam_implementation(
+            classifier, cfg.method.name, cfg.method.implementation
+        ),
+        "lime_implementation": cfg.lime.implementation,
     }
 
 
@@ -395,7 +401,10 @@ def check_config(cfg: StudyConfig) -> Classifier:
         manifest = cfg.data.manifest
         if manifest and not Path(manifest).expanduser().is_file():
             raise DataError(f"data.manifest={manifest} is not a file (a CSV of file,label rows)")
-    return load_classifier(cfg.model, cfg.device)
+    classifier = load_classifier(cfg.model, cfg.device)
+    if classifier.family is not None:
+        classifier.family.check_method(cfg.method.name)
+    return classifier
 
 
 def check_overrides(cfg: StudyConfig, context: JobContext) -> None:
@@ -439,7 +448,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             run = start_run(store, cfg, context, out_dir) if store is not None else None
         if run is not None:
             cached = {CACHE_DIR_TAG: str(cache.directory)} if cache.enabled else {}
-            run.set_tags({**model_tags(classifier), "inference_engine": study.engine, **cached})
+            run.set_tags(
+                {**model_tags(classifier, cfg), "inference_engine": study.engine, **cached}
+            )
         reporter = SkipReporter()
         for file in images.skipped:
             reporter(file)

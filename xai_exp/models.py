@@ -1,10 +1,12 @@
-"""Classifiers to explain: the bundled offline EfficientNet-Lite0 or any torchvision model."""
+"""Classifiers to explain: the bundled offline EfficientNet-Lite0, any torchvision or timm model,
+with the model's own preprocessing (or today's square view)."""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from xai_exp.architectures import Family, family_of
 from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
 from xai_exp.errors import describe, first_line
 
@@ -43,6 +46,28 @@ class Classifier:
     device: torch.device
     mean: tuple[float, ...] = TORCHVISION_MEAN
     std: tuple[float, ...] = TORCHVISION_STD
+    crop_fraction: float = 1.0  # the view: shorter side to input_size / crop_fraction, centre crop
+    interpolation: str = "bicubic"
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None  # tokens -> B x C x H x W
+    family: Family | None = None
+
+    def view(self, image: np.ndarray) -> np.ndarray:
+        """The explained view of an image (uint8 HxWx3), the same for CAM and LIME."""
+        return fit_to_input(image, self.input_size, self.crop_fraction, self.interpolation)
+
+    def view_mask(self, mask: np.ndarray) -> np.ndarray:
+        """A boolean mask of the image through the view's resize and crop (nearest)."""
+        return fit_mask_to_input(mask, self.input_size, self.crop_fraction)
+
+    def preprocessing(self) -> dict[str, object]:
+        """The view and normalisation, as logged."""
+        return {
+            "input_size": self.input_size,
+            "crop_fraction": self.crop_fraction,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     def normalised_pixels(self, images: np.ndarray) -> torch.Tensor:
         """NHWC (or HWC) RGB pixel values in [0, 255] to normalised NHWC floats on the device."""
@@ -119,8 +144,15 @@ def resolve_layer(net: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def check_feature_map(net: nn.Module, layer: nn.Module, name: str, input_size: int) -> None:
-    """A dry forward pass: the target layer must output a B x C x H x W feature map."""
+def check_feature_map(
+    net: nn.Module,
+    layer: nn.Module,
+    name: str,
+    input_size: int,
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """A dry forward pass: the target layer must output (after the reshape transform of a
+    transformer) a B x C x H x W feature map."""
     found: list[object] = []
     handle = layer.register_forward_hook(lambda _m, _i, output: found.append(output))
     try:
@@ -133,6 +165,14 @@ def check_feature_map(net: nn.Module, layer: nn.Module, name: str, input_size: i
     finally:
         handle.remove()
     output = found[-1] if found else None
+    if reshape is not None and isinstance(output, torch.Tensor):
+        try:
+            output = reshape(output)
+        except (RuntimeError, IndexError, ValueError) as error:
+            raise ConfigError(
+                f"model.target_layer={name!r}: its tokens {tuple(output.shape)} do not form the "
+                f"patch grid ({describe(error)}); leave model.target_layer=null"
+            ) from None
     hint = "CAMs need a convolutional layer (e.g. layer4.-1 for ResNets, bn2 for the default)"
     if not isinstance(output, torch.Tensor) or output.dim() != 4:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -181,7 +221,7 @@ def _bundled_efficientnet() -> nn.Module:
     return net
 
 
-def _torchvision_net(cfg: ModelConfig) -> tuple[nn.Module, list[str]]:
+def _torchvision_net(cfg: ModelConfig) -> tuple[nn.Module, list[str], object | None]:
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -193,7 +233,7 @@ def _torchvision_net(cfg: ModelConfig) -> tuple[nn.Module, list[str]]:
         with torch.random.fork_rng():
             torch.manual_seed(0)  # random init is reproducible, so its cache identity is stable
             net = torchvision.models.get_model(cfg.arch, weights=None)
-        return net, imagenet_labels()
+        return net, imagenet_labels(), None
     try:
         weights = torchvision.models.get_weight(f"{_weights_enum_name(cfg.arch)}.{cfg.weights}")
     except (ValueError, KeyError, AttributeError) as error:
@@ -209,7 +249,7 @@ def _torchvision_net(cfg: ModelConfig) -> tuple[nn.Module, list[str]]:
             "offline? use model.checkpoint=PATH for a local state dict, or the offline default "
             "model=efficientnet_lite0"
         ) from error
-    return net, list(weights.meta.get("categories") or imagenet_labels())
+    return net, list(weights.meta.get("categories") or imagenet_labels()), weights
 
 
 def _weights_enum_name(arch: str) -> str:
@@ -239,33 +279,147 @@ def _load_checkpoint(net: nn.Module, path: str) -> None:
         ) from error
 
 
-def build_network(cfg: ModelConfig) -> tuple[nn.Module, list[str], tuple, tuple]:
-    """Network, class names, normalisation mean and std for a model config."""
-    if cfg.arch == BUNDLED_ARCH:
+@dataclass(frozen=True)
+class Preprocessing:
+    """A model's own input pipeline: view size, crop fraction, interpolation, normalisation."""
+
+    input_size: int = 224
+    crop_fraction: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = TORCHVISION_MEAN
+    std: tuple[float, ...] = TORCHVISION_STD
+
+
+@dataclass
+class Network:
+    """A built network with its class names and its own preprocessing."""
+
+    net: nn.Module
+    labels: list[str]
+    preprocessing: Preprocessing
+
+
+def timm_preprocessing(net: nn.Module) -> Preprocessing:
+    """timm's data config of the model (its pretrained config: size, crop, interpolation)."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=net)
+    return Preprocessing(
+        input_size=int(config["input_size"][-1]),
+        crop_fraction=float(config.get("crop_pct") or 1.0),
+        interpolation=str(config.get("interpolation") or "bicubic"),
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+    )
+
+
+def torchvision_preprocessing(arch: str, weights: object | None) -> Preprocessing:
+    """The weights' own transforms (the arch's default weights' for random init)."""
+    import torchvision
+
+    if weights is None:
+        enum = torchvision.models.get_model_weights(torchvision.models.get_model_builder(arch))
+        weights = getattr(enum, "DEFAULT", None)
+    transforms = getattr(weights, "transforms", None)
+    if transforms is None:
+        return Preprocessing(crop_fraction=0.875, interpolation="bilinear")
+    pipeline = transforms()
+    crop, resize = int(pipeline.crop_size[0]), int(pipeline.resize_size[0])
+    return Preprocessing(
+        input_size=crop,
+        crop_fraction=crop / resize,
+        interpolation=str(pipeline.interpolation.value),
+        mean=tuple(float(v) for v in pipeline.mean),
+        std=tuple(float(v) for v in pipeline.std),
+    )
+
+
+def _timm_net(cfg: ModelConfig) -> Network:
+    import timm
+
+    if not timm.is_model(cfg.arch):
+        close = difflib.get_close_matches(cfg.arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"model.arch={cfg.arch!r} is not a timm model{hint}")
+    if cfg.weights not in (None, "pretrained"):
+        raise ConfigError(
+            f"model.weights={cfg.weights!r}: timm models take pretrained (downloaded once) or "
+            "null (random init); model.checkpoint=PATH loads a local state dict"
+        )
+    pretrained = cfg.weights == "pretrained" and not cfg.checkpoint
+    options = dict(cfg.kwargs)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # random init is reproducible, so its cache identity is stable
+            if cfg.input_size is not None and "img_size" not in options:
+                try:  # transformers are built for their input size; CNNs take any
+                    net = timm.create_model(
+                        cfg.arch, pretrained=pretrained, img_size=cfg.input_size, **options
+                    )
+                except TypeError:
+                    net = timm.create_model(cfg.arch, pretrained=pretrained, **options)
+            else:
+                net = timm.create_model(cfg.arch, pretrained=pretrained, **options)
+    except TypeError as error:
+        raise ConfigError(f"model.kwargs: {first_line(error)}") from None
+    except Exception as error:
+        if not pretrained:
+            raise
+        raise ModelLoadError(
+            f"could not get timm's pretrained weights for {cfg.arch} ({describe(error)}); "
+            "offline? use model.weights=null (random init) or model.checkpoint=PATH"
+        ) from error
+    classes = int(getattr(net, "num_classes", 1000) or 1000)
+    labels = imagenet_labels() if classes == 1000 else [f"class {i}" for i in range(classes)]
+    return Network(net, labels, timm_preprocessing(net))
+
+
+def build_network(cfg: ModelConfig) -> Network:
+    """The network, its class names and its own preprocessing for a model config."""
+    if cfg.source == "timm":
+        built = _timm_net(cfg)
+    elif cfg.arch == BUNDLED_ARCH and cfg.source == "auto":
         if cfg.checkpoint:
             raise ConfigError("model.checkpoint is for torchvision models; use model.arch=NAME")
-        return _bundled_efficientnet(), imagenet_labels(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    net, labels = _torchvision_net(cfg)
+        net = _bundled_efficientnet()
+        return Network(net, imagenet_labels(), timm_preprocessing(net))
+    else:
+        net, labels, weights = _torchvision_net(cfg)
+        built = Network(net, labels, torchvision_preprocessing(cfg.arch, weights))
     if cfg.checkpoint:
-        _load_checkpoint(net, cfg.checkpoint)
-    return net, labels, TORCHVISION_MEAN, TORCHVISION_STD
+        _load_checkpoint(built.net, cfg.checkpoint)
+    return built
 
 
 def prepare_classifier(
     net: nn.Module,
     *,
     arch: str,
-    target_layer: str,
+    target_layer: str | None,
     input_size: int,
     labels: list[str],
     mean: tuple = TORCHVISION_MEAN,
     std: tuple = TORCHVISION_STD,
     device: str | torch.device = "cpu",
+    crop_fraction: float = 1.0,
+    interpolation: str = "bicubic",
 ) -> Classifier:
-    """Wrap any network (a tiny test CNN too) into a Classifier."""
+    """Wrap any network (a tiny test CNN too) into a Classifier.
+
+    `target_layer` None is the architecture family's default; a transformer's reshape
+    transform comes from its family.
+    """
     net.eval()
+    family = family_of(net)
+    if target_layer is None:
+        if not family.target_layer:
+            raise ConfigError(
+                f"model.target_layer: no default for {type(net).__name__}; set "
+                "model.target_layer=PATH to its last convolutional block"
+            )
+        target_layer = family.target_layer
     layer = resolve_layer(net, target_layer)
-    check_feature_map(net, layer, target_layer, input_size)
+    check_feature_map(net, layer, target_layer, input_size, family.reshape)
     identity = weights_identity(arch, net)
     model = net.to(device).eval()
     for parameter in model.parameters():
@@ -281,40 +435,71 @@ def prepare_classifier(
         device=torch.device(device),
         mean=tuple(mean),
         std=tuple(std),
+        crop_fraction=crop_fraction,
+        interpolation=interpolation,
+        reshape=family.reshape,
+        family=family,
     )
 
 
 def load_classifier(cfg: ModelConfig, device: str = "auto") -> Classifier:
-    """Build the configured model, load its weights and resolve its target layer."""
-    net, labels, mean, std = build_network(cfg)
+    """Build the configured model, load its weights and resolve its target layer.
+
+    `model.preprocess=model` views images as the model was trained to see them (its crop
+    fraction and interpolation); `square` keeps the full centre square (bicubic). Mean and std
+    are always the model's own.
+    """
+    built = build_network(cfg)
+    own = built.preprocessing
+    square = cfg.preprocess == "square"
     return prepare_classifier(
-        net,
+        built.net,
         arch=cfg.arch,
         target_layer=cfg.target_layer,
-        input_size=cfg.input_size,
-        labels=labels,
-        mean=mean,
-        std=std,
+        input_size=cfg.input_size or own.input_size,
+        labels=built.labels,
+        mean=own.mean,
+        std=own.std,
         device=resolve_device(device),
+        crop_fraction=1.0 if square else own.crop_fraction,
+        interpolation="bicubic" if square else own.interpolation,
     )
 
 
-def _fit(pil: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def _fit(
+    pil: Image.Image, size: int, resample: Image.Resampling, crop_fraction: float = 1.0
+) -> Image.Image:
     width, height = pil.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    shorter = max(size, round(size / crop_fraction))
+    scale = shorter / min(width, height)
+    new_w, new_h = max(shorter, round(width * scale)), max(shorter, round(height * scale))
     pil = pil.resize((new_w, new_h), resample)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return pil.crop((left, top, left + size, top + size))
 
 
-def fit_to_input(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to `size` (bicubic) and centre-crop: the explained view, uint8."""
-    fitted = _fit(Image.fromarray(image), size, Image.Resampling.BICUBIC)
+def fit_to_input(
+    image: np.ndarray, size: int, crop_fraction: float = 1.0, interpolation: str = "bicubic"
+) -> np.ndarray:
+    """Resize the shorter side to `size / crop_fraction` and centre-crop `size` x `size`: the
+    explained view, uint8 (crop_fraction 1: today's full square)."""
+    resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
+    fitted = _fit(Image.fromarray(image), size, resample, crop_fraction)
     return np.asarray(fitted, dtype=np.uint8).copy()
 
 
-def fit_mask_to_input(mask: np.ndarray, size: int) -> np.ndarray:
+def fit_mask_to_input(mask: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
     """A boolean mask of the image through the same resize and crop (nearest): the view's."""
-    fitted = _fit(Image.fromarray(mask.astype(np.uint8) * 255), size, Image.Resampling.NEAREST)
+    pil = Image.fromarray(mask.astype(np.uint8) * 255)
+    fitted = _fit(pil, size, Image.Resampling.NEAREST, crop_fraction)
     return np.asarray(fitted) > 127

@@ -174,8 +174,10 @@ def explanation_params(
         "model": {
             "arch": classifier.arch,
             "identity": classifier.identity,
+            "family": classifier.family.name if classifier.family else None,
             "target_layer": classifier.target_layer_name,
-            "input_size": classifier.input_size,
+            "preprocess": cfg.model.preprocess,
+            **classifier.preprocessing(),
         },
         "method": dataclasses.asdict(cfg.method),
         "lime": dataclasses.asdict(cfg.lime),

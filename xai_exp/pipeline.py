@@ -34,7 +34,7 @@ from xai_exp.masks import (
     signal_fraction,
 )
 from xai_exp.metrics import iou
-from xai_exp.models import Classifier, fit_mask_to_input, fit_to_input
+from xai_exp.models import Classifier
 from xai_exp.results import Evidence, ImageResult, Status, computed_metrics
 from xai_exp.sanity import RandomisationResult, randomisation_check
 
@@ -169,10 +169,14 @@ class Study:
         return {}
 
     def _base_key(self, item: ImageItem) -> dict[str, Any]:
+        classifier = self.classifier
+        view = (classifier.crop_fraction, classifier.interpolation)
         return {
             "image": item.content_hash,
-            "input_size": self.classifier.input_size,
+            "input_size": classifier.input_size,
             "algorithm_version": ALGORITHM_VERSION,
+            # another view is another explanation (the full bicubic square keeps older keys)
+            **({} if view == (1.0, "bicubic") else {"view": view}),
         }
 
     def _cam_map(self, classifier: Classifier, view: np.ndarray, target: int) -> np.ndarray:
@@ -241,7 +245,7 @@ class Study:
             return
         key = self._segments_key(item)
         if not self.cache.contains("segments", key):
-            self.workers.submit(key, fit_to_input(item.image, self.classifier.input_size))
+            self.workers.submit(key, self.classifier.view(item.image))
 
     def close(self) -> None:
         """Stop the superpixel workers."""
@@ -437,7 +441,7 @@ class Study:
 
     def _explain(self, item: ImageItem) -> ImageResult:
         result = ImageResult(name=item.name, artifact_stem=item.artifact_stem)
-        view = fit_to_input(item.image, self.classifier.input_size)
+        view = self.classifier.view(item.image)
         result.arrays["image"] = view
         probabilities = self.classifier.predict(view, self.precision)[0]
         result.predicted_class = int(np.argmax(probabilities))
@@ -525,7 +529,7 @@ class Study:
                 target=target,
                 object_mask=None
                 if item.object_mask is None
-                else fit_mask_to_input(item.object_mask, self.classifier.input_size),
+                else self.classifier.view_mask(item.object_mask),
                 faithfulness_of=lambda source, saliency: self.faithfulness(
                     view, saliency, (cam_step if source == "cam" else lime_step).key, target
                 ),

@@ -86,7 +86,9 @@ def reference_cam(
     import pytorch_grad_cam
 
     cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
-    kwargs = {"batch_size": batch_size} if method == "ablationcam" else {}
+    kwargs: dict[str, object] = {"batch_size": batch_size} if method == "ablationcam" else {}
+    if classifier.reshape is not None:
+        kwargs["reshape_transform"] = classifier.reshape  # a transformer's tokens as a map
     with silenced_progress_bars(), torch.enable_grad():
         cam = cam_class(classifier.model, [classifier.target_layer], **kwargs)
         try:
@@ -116,10 +118,20 @@ def compute_cam(
     under bf16 autocast).
     """
     check_method(method)
+    if cam_implementation(classifier, method, implementation) == "fast":
+        from xai_exp.explainers import fast_cam
+
+        fast = fast_cam.FAST_METHODS[method]
+        return fast(classifier, input_tensor, target_class, batch_size, precision=precision)
+    return reference_cam(classifier, input_tensor, method, target_class, batch_size)
+
+
+def cam_implementation(classifier: Classifier, method: str, implementation: str) -> str:
+    """Which implementation computes the map: ``fast`` (xai-exp's exact fast path, where one
+    exists for this model) or ``grad-cam`` (the package's own class)."""
     if implementation == "fast":
         from xai_exp.explainers import fast_cam
 
-        fast = fast_cam.FAST_METHODS.get(method)
-        if fast is not None and fast_cam.supports(classifier, method):
-            return fast(classifier, input_tensor, target_class, batch_size, precision=precision)
-    return reference_cam(classifier, input_tensor, method, target_class, batch_size)
+        if method in fast_cam.FAST_METHODS and fast_cam.supports(classifier, method):
+            return "fast"
+    return "grad-cam"

@@ -66,11 +66,14 @@ def _activations_and_logits(
             logits = classifier.model(input_tensor.to(classifier.device)).float()
     finally:
         handle.remove()
-    if not captured or not isinstance(captured[-1], torch.Tensor) or captured[-1].dim() != 4:
+    found = captured[-1] if captured else None
+    if classifier.reshape is not None and isinstance(found, torch.Tensor):
+        found = classifier.reshape(found)  # a transformer's tokens as a map, as grad-cam does
+    if not isinstance(found, torch.Tensor) or found.dim() != 4:
         raise ValueError(
             f"target layer {classifier.target_layer_name} must output an NxCxHxW tensor"
         )
-    return captured[-1].float(), logits
+    return found.float(), logits
 
 
 def _finish_cam(weights: np.ndarray, activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:

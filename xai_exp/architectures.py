@@ -1,0 +1,110 @@
+"""Architecture families: where a CAM looks by default, and how a transformer's tokens become a
+feature map.
+
+grad-cam needs a B x C x H x W map at the target layer. CNNs give one; vision transformers give
+tokens, which a reshape transform turns into a map (grad-cam's `reshape_transform`): ViT / DeiT
+drop their class (and distillation) tokens and lay the patch tokens on the patch grid; Swin's
+blocks already give B x H x W x C, which only needs its channels moved first. The transform is
+read from the model, never typed by the user.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xai_exp.config import ConfigError
+
+
+@dataclass(frozen=True)
+class TokensToGrid:
+    """ViT / DeiT tokens (B x (prefix + h*w) x C) to a B x C x h x w map."""
+
+    prefix_tokens: int
+    grid: tuple[int, int]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.prefix_tokens :, :]
+        height, width = self.grid
+        if height * width != patches.shape[1]:  # another input size: a square grid
+            height = width = math.isqrt(patches.shape[1])
+        batch, _, channels = patches.shape
+        return patches.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class ChannelsFirst:
+    """Swin's B x H x W x C block output to B x C x H x W."""
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return features.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class Family:
+    """An architecture family: its default target layer, its reshape transform (transformers),
+    and the CAM methods that cannot work on it (method -> why)."""
+
+    name: str
+    target_layer: str
+    reshape: TokensToGrid | ChannelsFirst | None = None
+    unsupported: tuple[tuple[str, str], ...] = ()
+
+    def check_method(self, method: str) -> None:
+        """One line, before any compute, for a method this family cannot run."""
+        for name, why in self.unsupported:
+            if name == method:
+                raise ConfigError(
+                    f"method={method} does not work on {self.name} models ({why}); "
+                    "use gradcam, scorecam, layercam, eigencam, ..."
+                )
+
+
+_TRANSFORMER_LIMITS = (
+    ("ablationcam", "it ablates convolutional channels, not tokens"),
+    ("fullgrad", "it needs the bias gradients of convolutional layers"),
+    ("shapleycam", "grad-cam's ShapleyCAM does not reshape its second-order gradients"),
+)
+FAMILY_LAYERS = {  # the README's table: family -> default target layer
+    "vit": "blocks.-1.norm1",
+    "swin": "layers.-1.blocks.-1.norm1",
+    "convnext": "stages.-1",
+    "resnet": "layer4.-1",
+    "efficientnet": "bn2",
+    "mobilenet": "blocks.-1",
+}
+
+
+def family_of(net: nn.Module) -> Family:
+    """The family of a network, from its structure (timm and torchvision classifiers)."""
+    kind = type(net).__name__.lower()
+    if hasattr(net, "patch_embed") and hasattr(net, "blocks"):
+        grid = tuple(getattr(net.patch_embed, "grid_size", (0, 0)))
+        prefix = int(getattr(net, "num_prefix_tokens", 1))
+        return Family(
+            "vit",
+            FAMILY_LAYERS["vit"],
+            TokensToGrid(prefix, (int(grid[0]), int(grid[1]))),
+            _TRANSFORMER_LIMITS,
+        )
+    if "swin" in kind and hasattr(net, "layers"):
+        return Family("swin", FAMILY_LAYERS["swin"], ChannelsFirst(), _TRANSFORMER_LIMITS)
+    if "convnext" in kind and hasattr(net, "stages"):
+        return Family("convnext", FAMILY_LAYERS["convnext"])
+    if hasattr(net, "layer4"):
+        return Family("resnet", FAMILY_LAYERS["resnet"])
+    if hasattr(net, "bn2") and hasattr(net, "conv_head") and "efficientnet" in kind:
+        return Family("efficientnet", FAMILY_LAYERS["efficientnet"])
+    if hasattr(net, "blocks") and hasattr(net, "conv_head"):
+        return Family("mobilenet", FAMILY_LAYERS["mobilenet"])  # conv_head follows the pooling
+    info = getattr(net, "feature_info", None)
+    if info:
+        last = info[-1] if isinstance(info, list) else None
+        if isinstance(last, dict) and last.get("module"):
+            return Family(kind, str(last["module"]))
+    if isinstance(getattr(net, "features", None), nn.Sequential):
+        return Family(kind, "features.-1")  # torchvision VGG, DenseNet, MobileNet, ...
+    return Family(kind, "")
