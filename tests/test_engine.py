@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tiny_models import TinyCNN
+from tiny_models import TinyCNN, bn_cnn
 from torch import nn
 
 from xai_exp import inference, onnx_engine
@@ -23,25 +23,6 @@ from xai_exp.metrics import iou
 from xai_exp.models import fit_to_input, load_classifier, prepare_classifier
 
 LABELS = [str(i) for i in range(10)]
-
-
-def bn_cnn() -> nn.Module:
-    """Conv-BN-ReLU with non-trivial running statistics: its probabilities vary with input."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-    with torch.no_grad():
-        net[1].running_mean.uniform_(-0.2, 0.2)
-        net[1].running_var.uniform_(0.5, 1.5)
-    return net
 
 
 def tiny_models() -> dict[str, tuple[nn.Module, str, int]]:

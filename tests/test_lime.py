@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from tiny_models import bn_cnn
 
 from xai_exp.data import bundled_images
 from xai_exp.explainers import lime, superpixels
@@ -18,22 +17,10 @@ TARGET = 3
 
 @pytest.fixture(scope="module")
 def classifier():
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-    with torch.no_grad():
-        net[1].running_mean.uniform_(-0.2, 0.2)
-        net[1].running_var.uniform_(0.5, 1.5)
     labels = [str(i) for i in range(10)]
-    return prepare_classifier(net, arch="tiny", target_layer="3", input_size=SIZE, labels=labels)
+    return prepare_classifier(
+        bn_cnn(), arch="tiny", target_layer="3", input_size=SIZE, labels=labels
+    )
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,26 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+def bn_cnn() -> nn.Module:
+    """Seeded conv-BN-ReLU with non-trivial running statistics (target layer `3`): its
+    probabilities vary with the input, and its BatchNorm is there to fold."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 1.5)
+    return net
+
+
 def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10) -> Classifier:
     """A seeded TinyCNN wrapped as a Classifier."""
     torch.manual_seed(seed)
