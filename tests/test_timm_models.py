@@ -16,7 +16,7 @@ from xai_exp.data import ImageItem, bundled_images
 from xai_exp.explainers import lime, superpixels
 from xai_exp.explainers.cam import CAM_METHODS, cam_implementation, compute_cam
 from xai_exp.job import check_config
-from xai_exp.models import fit_to_input, load_classifier, prepare_classifier
+from xai_exp.models import ModelLoadError, fit_to_input, load_classifier, prepare_classifier
 
 SIZE = 64
 SMALL = {  # family -> (timm name, arguments that keep it small at 64 px)
@@ -219,3 +219,16 @@ def test_fast_score_cam_equals_grad_cams_class_on_timm_models(family):
     reference = compute_cam(classifier, x, "scorecam", 3, batch_size=64, implementation="reference")
     assert cam_implementation(classifier, "scorecam", "fast") == "fast"
     assert np.abs(fast - reference).max() <= 1e-4
+
+
+def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do(monkeypatch):
+    import timm
+
+    def offline(*_args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        raise AssertionError("only the download fails")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ModelLoadError, match=r"offline\? use model\.weights=null"):
+        load_classifier(timm_config("convnext", weights="pretrained"), "cpu")

@@ -14,6 +14,7 @@ import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -152,7 +153,13 @@ def exit_fast(command: Callable[[], int]) -> NoReturn:
             code = 1
         else:
             code = int(value or 0)
-    atexit._run_exitfuncs()  # what the interpreter would run (mlflow, loggers, temp files)
+    # What the interpreter's shutdown runs, in its order: non-daemon threads and the
+    # executors registered with threading (loky's and concurrent.futures' process pools stop
+    # their workers there), then the exit handlers (mlflow, multiprocessing, loggers).
+    shutdown_threads = getattr(threading, "_shutdown", None)
+    if shutdown_threads is not None:
+        shutdown_threads()
+    atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
