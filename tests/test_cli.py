@@ -149,7 +149,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_finished_images(tmp_path):
-    args = study_command(tmp_path, *TINY, "data.limit=6", "lime.num_samples=400")
+    args = study_command(tmp_path, *TINY, "data.limit=6", "lime.num_samples=3000")
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     csv_rows = 0

@@ -331,7 +331,10 @@ def test_a_run_where_no_image_could_be_compared_fails(tmp_path):
         (["lime.segmentation.params.kernel_size=abc"], "kernel_size='abc' must be a number"),
         (["+lime.segmentation.params.n_segments=5"], "quickshift takes no 'n_segments'"),
         (["lime.num_samples=100000000"], "lime.num_samples=100000000 must be in 1..100000"),
-        (["model.input_size=100000"], "model.input_size=100000 must be in 8..2048"),
+        (
+            ["model.input_size=100000"],
+            "model.input_size=100000 must be null (the model's own) or 8..2048",
+        ),
         (["data=folder", "data.dir=/nonexistent/photos"], "data folder not found"),
     ],
 )

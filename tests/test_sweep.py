@@ -98,7 +98,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_against_sqlite(tmp_path):
 def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
     args = sweep_args(
         tmp_path,
-        "lime.num_samples=300",
+        "lime.num_samples=3000",  # slow enough with ONNX Runtime to outlast Ctrl-C
         "lime.seed=0,1,2,3,4,5,6,7",  # every job recomputes LIME: the sweep outlasts Ctrl-C
     )
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
