@@ -354,6 +354,12 @@ TINY_STUDY = [
 ]
 
 
+def sigint_as_default() -> None:
+    """Popen's preexec_fn: Ctrl-C reaches the child as at a terminal. A shell that starts the
+    tests in the background (``.ci/run &``) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def study_command(tmp_path: Path, *overrides: str, multirun: bool = False) -> list[str]:
     """`python run.py [-m]` with its own sqlite store and cache in tmp_path (run it there)."""
     return [

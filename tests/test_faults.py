@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TINY_STUDY, study_command
+from conftest import TINY_STUDY, sigint_as_default, study_command
 from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
@@ -53,7 +53,12 @@ def study_runs(tmp_path: Path) -> list:
 def start_study(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.Popen:
     args = study_command(tmp_path, *TINY_STUDY, *overrides, multirun=multirun)
     return subprocess.Popen(
-        args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_as_default,
     )
 
 
@@ -90,7 +95,7 @@ def artifact_text(client: MlflowClient, run_id: str, path: str, tmp_path: Path) 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_termination_signal_ends_the_run_like_ctrl_c(tmp_path, sig):
-    process = start_study(tmp_path, "data.limit=6", "lime.num_samples=300")
+    process = start_study(tmp_path, "data.limit=6", "lime.num_samples=3000")
     wait_for_finished_images(tmp_path, process, rows=1)
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
@@ -133,7 +138,7 @@ def test_sigterm_closes_a_sweep_parent_with_its_comparison(tmp_path):
 
 @pytest.mark.slow
 def test_second_interrupt_during_cleanup_still_closes_the_run(tmp_path):
-    process = start_study(tmp_path, "data.limit=6", "lime.num_samples=300")
+    process = start_study(tmp_path, "data.limit=6", "lime.num_samples=3000")
     wait_for_finished_images(tmp_path, process, rows=1)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.05)
@@ -172,7 +177,7 @@ def test_runs_of_processes_that_are_gone_are_marked_failed(tracking_store):
 
 @pytest.mark.slow
 def test_kill_9_leaves_a_run_that_the_next_command_marks_failed(tmp_path):
-    process = start_study(tmp_path, "data.limit=6", "lime.num_samples=300")
+    process = start_study(tmp_path, "data.limit=6", "lime.num_samples=3000")
     wait_for_finished_images(tmp_path, process, rows=1)
     process.kill()
     process.communicate(timeout=60)

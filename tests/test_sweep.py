@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_STUDY as TINY
-from conftest import study_command
+from conftest import sigint_as_default, study_command
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,13 @@ def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
         "lime.num_samples=3000",  # slow enough with ONNX Runtime to outlast Ctrl-C
         "lime.seed=0,1,2,3,4,5,6,7",  # every job recomputes LIME: the sweep outlasts Ctrl-C
     )
-    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=sigint_as_default,
+    )
     deadline = time.monotonic() + 240
     finished = []
     while time.monotonic() < deadline and not finished and process.poll() is None:
@@ -112,7 +118,11 @@ def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
             finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished, "no job finished in time"
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
+    try:
+        process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:  # it landed while a run was being closed (shielded)
+        process.send_signal(signal.SIGINT)  # as a user presses Ctrl-C again
+        process.communicate(timeout=120)
     assert process.returncode != 0
     _, [parent], children = parents_and_children(tmp_path)
     assert parent.info.status in {"KILLED", "FAILED"}
