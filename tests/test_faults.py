@@ -114,7 +114,7 @@ def test_termination_signal_ends_the_run_like_ctrl_c(tmp_path, sig):
 def test_sigterm_closes_a_sweep_parent_with_its_comparison(tmp_path):
     process = start_study(
         tmp_path,
-        "lime.num_samples=300",
+        "lime.num_samples=3000",
         "lime.seed=0,1,2,3,4,5,6,7",  # every job recomputes LIME: the sweep outlasts the signal
         multirun=True,
     )
