@@ -360,6 +360,18 @@ def sigint_as_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def start_interruptible(args: list[str], cwd: Path, text: bool = False) -> subprocess.Popen:
+    """Start a command whose output is piped and which signals reach as at a terminal."""
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+        preexec_fn=sigint_as_default,
+    )
+
+
 def study_command(tmp_path: Path, *overrides: str, multirun: bool = False) -> list[str]:
     """`python run.py [-m]` with its own sqlite store and cache in tmp_path (run it there)."""
     return [

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_STUDY as TINY
-from conftest import sigint_as_default, study_command
+from conftest import start_interruptible, study_command
 from mlflow.tracking import MlflowClient
 
 
@@ -150,13 +150,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_finished_images(tmp_path):
     args = study_command(tmp_path, *TINY, "data.limit=6", "lime.num_samples=3000")
-    process = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=sigint_as_default,
-    )
+    process = start_interruptible(args, tmp_path)
     deadline = time.monotonic() + 180
     csv_rows = 0
     while time.monotonic() < deadline and csv_rows < 2:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TINY_STUDY, sigint_as_default, study_command
+from conftest import TINY_STUDY, start_interruptible, study_command
 from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
@@ -52,14 +52,7 @@ def study_runs(tmp_path: Path) -> list:
 
 def start_study(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.Popen:
     args = study_command(tmp_path, *TINY_STUDY, *overrides, multirun=multirun)
-    return subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=sigint_as_default,
-    )
+    return start_interruptible(args, tmp_path, text=True)
 
 
 def wait_for_finished_images(tmp_path: Path, process: subprocess.Popen, rows: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_STUDY as TINY
-from conftest import sigint_as_default, study_command
+from conftest import start_interruptible, study_command
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -101,13 +101,7 @@ def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
         "lime.num_samples=3000",  # slow enough with ONNX Runtime to outlast Ctrl-C
         "lime.seed=0,1,2,3,4,5,6,7",  # every job recomputes LIME: the sweep outlasts Ctrl-C
     )
-    process = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=sigint_as_default,
-    )
+    process = start_interruptible(args, tmp_path)
     deadline = time.monotonic() + 240
     finished = []
     while time.monotonic() < deadline and not finished and process.poll() is None:

@@ -6,6 +6,7 @@ with `new_figure` and written with `save_figure`.
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -83,6 +84,12 @@ OVERLAY_FIELDS = (  # every ImageResult field `overlay_figure` draws: keep in st
 )
 
 
+@functools.cache
+def _plotting_code() -> bytes:
+    """This module's source, read once: a change to the drawing code draws figures again."""
+    return Path(__file__).read_bytes()
+
+
 def overlay_fingerprint(result: ImageResult, method: str, dpi: int, suffix: str) -> str:
     """What `overlay_figure` draws from, with this module's code and matplotlib's version:
     one fingerprint, one file (a rerun copies the file instead of drawing it again)."""
@@ -90,7 +97,7 @@ def overlay_fingerprint(result: ImageResult, method: str, dpi: int, suffix: str)
 
     import matplotlib
 
-    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest = hashlib.sha256(_plotting_code())
     fields = {name: getattr(result, name) for name in OVERLAY_FIELDS}
     digest.update(repr((fields, method, dpi, suffix, matplotlib.__version__)).encode())
     for name in OVERLAY_ARRAYS:
