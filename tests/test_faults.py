@@ -108,7 +108,7 @@ def test_sigterm_closes_a_sweep_parent_with_its_comparison(tmp_path):
     process = start_study(
         tmp_path,
         "lime.num_samples=3000",
-        "lime.seed=0,1,2,3,4,5,6,7",  # every job recomputes LIME: the sweep outlasts the signal
+        "lime.seed=range(0,40)",  # every job recomputes LIME: the sweep far outlasts the signal
         multirun=True,
     )
     deadline = time.monotonic() + 240
@@ -118,6 +118,7 @@ def test_sigterm_closes_a_sweep_parent_with_its_comparison(tmp_path):
         if list((tmp_path / "multirun").rglob("mlflow_parent.json")):
             finished = [r for r in study_runs(tmp_path) if r.info.status == "FINISHED"]
     assert finished, "no sweep job finished in time"
+    assert process.poll() is None, "the sweep ended before the signal: make its jobs slower"
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=180)
     assert process.returncode == 128 + signal.SIGTERM
