@@ -149,7 +149,7 @@ def test_metrics_beyond_iou_are_computed_once_and_reused_across_thresholds(tmp_p
     cfg.threshold.cam_top_fraction = 0.3
     hits_before = cache.hits
     [second] = run_study(Study(cfg, classifier, cache), IMAGES[1:], progress=False)
-    assert cache.hits - hits_before == 6  # 3 explanations + 2 curves + 1 sanity check
+    assert cache.hits - hits_before == 7  # prediction, 3 explanations, 2 curves, sanity check
     assert second.values["cam_deletion_auc"] == first.values["cam_deletion_auc"]
     assert second.values["randomisation_rho"] == first.values["randomisation_rho"]
     assert (

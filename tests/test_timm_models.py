@@ -13,6 +13,7 @@ from xai_exp.architectures import FAMILY_LAYERS, TokensToGrid, family_of
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, LimeConfig, ModelConfig, StudyConfig
 from xai_exp.data import ImageItem, bundled_images
+from xai_exp.explainers import cam as cam_module
 from xai_exp.explainers import lime, superpixels
 from xai_exp.explainers.cam import CAM_METHODS, cam_implementation, compute_cam
 from xai_exp.job import check_config
@@ -174,7 +175,7 @@ def test_the_models_view_reaches_both_explanation_paths(tmp_path, monkeypatch):
     image = np.asarray(bundled_images(1)[0].image)
     expected = fit_to_input(image, SIZE, 0.5, "bilinear")
     seen = {}
-    real_cam, real_segment = pipeline.compute_cam, pipeline.segment
+    real_cam, real_segment = cam_module.compute_cam, pipeline.segment
 
     def spy_cam(model, tensor, *args, **kwargs):
         seen["cam"] = tensor
@@ -184,7 +185,7 @@ def test_the_models_view_reaches_both_explanation_paths(tmp_path, monkeypatch):
         seen["lime"] = view
         return real_segment(view, *args)
 
-    monkeypatch.setattr(pipeline, "compute_cam", spy_cam)
+    monkeypatch.setattr(cam_module, "compute_cam", spy_cam)  # imported when a map is computed
     monkeypatch.setattr(pipeline, "segment", spy_segment)
     lime_config = LimeConfig(num_samples=20)
     lime_config.segmentation.algorithm = "slic"

@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from xai_exp import signals
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.data import DataError
+from xai_exp.errors import ModelLoadError
 from xai_exp.job import JobContext, NothingComparedError, execute
-from xai_exp.models import ModelLoadError
 from xai_exp.sweep import close_open_sweeps, record_failed_job
 from xai_exp.tracking import TrackingError, flatten
 

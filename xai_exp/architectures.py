@@ -53,14 +53,21 @@ class Family:
     reshape: TokensToGrid | ChannelsFirst | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
 
-    def check_method(self, method: str) -> None:
-        """One line, before any compute, for a method this family cannot run."""
+    def refusal(self, method: str) -> str | None:
+        """Why this family cannot run `method` (one line), or None when it can."""
         for name, why in self.unsupported:
             if name == method:
-                raise ConfigError(
+                return (
                     f"method={method} does not work on {self.name} models ({why}); "
                     "use gradcam, scorecam, layercam, eigencam, ..."
                 )
+        return None
+
+    def check_method(self, method: str) -> None:
+        """One line, before any compute, for a method this family cannot run."""
+        refusal = self.refusal(method)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
 
 _TRANSFORMER_LIMITS = (

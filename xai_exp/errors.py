@@ -12,3 +12,7 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 def describe(error: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message``, e.g. ``ValueError: bad shape``."""
     return f"{type(error).__name__}: {first_line(error, limit)}"[: limit + 40]
+
+
+class ModelLoadError(RuntimeError):
+    """Weights could not be loaded; the message says how to get a working model."""

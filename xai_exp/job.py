@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
@@ -40,11 +41,18 @@ from xai_exp.data import (
     open_images,
 )
 from xai_exp.errors import describe
-from xai_exp.explainers.cam import cam_implementation, check_method
+from xai_exp.explainers.cam import check_method
 from xai_exp.explainers.superpixels import check_segmentation
 from xai_exp.files import atomic_write_text
 from xai_exp.labels import ClassIndex
-from xai_exp.models import Classifier, load_classifier, resolve_device
+from xai_exp.model_facts import (
+    FACTS_KIND,
+    DeferredClassifier,
+    ModelFacts,
+    cached_facts,
+    facts_key,
+    store_facts,
+)
 from xai_exp.outputs import (
     OVERLAYS,
     OverlayPlan,
@@ -52,7 +60,7 @@ from xai_exp.outputs import (
     explanation_params,
     write_run_files,
 )
-from xai_exp.pipeline import Study, library_versions, run_study
+from xai_exp.pipeline import Study, library_versions, prepare_for_classifier, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
 from xai_exp.signals import deferred, shielded
 from xai_exp.sweep import read_parent_marker
@@ -66,6 +74,9 @@ from xai_exp.tracking import (
     run_url,
     terminal_status,
 )
+
+if TYPE_CHECKING:
+    from xai_exp.models import Classifier
 
 log = logging.getLogger("xai_exp")
 
@@ -223,18 +234,17 @@ def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:
     return tags
 
 
-def model_tags(classifier: Classifier, cfg: StudyConfig) -> dict[str, str]:
-    """Tags known once the model is loaded: what runs, and which implementation of each map."""
+def model_tags(model: ModelFacts, cfg: StudyConfig) -> dict[str, str]:
+    """Tags known once the model is known: what runs, and which implementation of each map."""
     return {
-        "model": classifier.arch,
-        "model_identity": classifier.identity,
-        "model_family": classifier.family.name if classifier.family else "",
-        "target_layer": classifier.target_layer_name,
-        "device": str(classifier.device),
-        "cam_implementation": cam_implementation(
-            classifier, cfg.method.name, cfg.method.implementation
-        ),
+        "model": model.arch,
+        "model_identity": model.identity,
+        "model_family": model.family or "",
+        "target_layer": model.target_layer_name,
+        "device": model.device,
+        "cam_implementation": model.cam_implementation(cfg.method.name, cfg.method.implementation),
         "lime_implementation": cfg.lime.implementation,
+        "inference_engine": model.engine,
     }
 
 
@@ -386,21 +396,44 @@ class NothingComparedError(RuntimeError):
     """No image of the run could be compared: its mean IoU would be meaningless."""
 
 
-def check_config(cfg: StudyConfig) -> Classifier:
+def check_config(
+    cfg: StudyConfig, cache: ExplanationCache | None = None
+) -> Classifier | DeferredClassifier:
     """Everything beyond `validate` that would fail every image; returns the model.
 
-    Plugins, the method, superpixel parameters, the device, the data folder, and the model
-    itself: it is loaded and its target layer checked by a dry forward pass.
+    Plugins, the method, superpixel parameters, the data folder, the device and the model
+    itself: it is loaded and its target layer checked by a dry forward pass. When `cache`
+    holds the model's facts (`model_facts`), they are checked instead and the network is
+    loaded only when a prediction or a map is not cached.
     """
     load_plugins(cfg.metrics.plugins)
     check_method(cfg.method.name)
     check_segmentation(cfg.lime.segmentation.algorithm, cfg.lime.segmentation.params)
-    resolve_device(cfg.device)
     if cfg.data.source == "folder" and cfg.data.dir is not None:
         check_folder(cfg.data.dir)
         manifest = cfg.data.manifest
         if manifest and not Path(manifest).expanduser().is_file():
             raise DataError(f"data.manifest={manifest} is not a file (a CSV of file,label rows)")
+    key = facts_key(cfg) if cache is not None and cache.enabled else None
+    facts = cached_facts(cache, key) if cache is not None else None
+    if cache is None or key is None or facts is None:
+        return load_model(cfg)
+    facts.check_method(cfg.method.name)
+
+    def build() -> tuple[Classifier, str]:
+        classifier = load_model(cfg)
+        return classifier, prepare_for_classifier(classifier, cfg, cache)
+
+    return DeferredClassifier(
+        facts, build, forget=lambda: cache.discard(FACTS_KIND, key, "stale model facts")
+    )
+
+
+def load_model(cfg: StudyConfig) -> Classifier:
+    """The configured classifier, loaded now (torch is imported here), its method checked."""
+    from xai_exp.models import load_classifier, resolve_device
+
+    resolve_device(cfg.device)
     classifier = load_classifier(cfg.model, cfg.device)
     if classifier.family is not None:
         classifier.family.check_method(cfg.method.name)
@@ -430,13 +463,15 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     check_overrides(cfg, context)
     tracking = cfg.tracking
     store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
-    classifier = check_config(cfg)
+    cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
+    model = check_config(cfg, cache)
     images = open_images(cfg.data)  # listed, not read: listing problems refuse the run
     annotations = Annotations.open(cfg.data.masks_dir, cfg.data.boxes)
     if annotations is not None:
         images.annotate = annotations.object_mask
-    cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    study = Study(cfg, classifier, cache)
+    study = Study(cfg, model, cache)
+    if not isinstance(model, DeferredClassifier):
+        store_facts(cache, facts_key(cfg) if cache.enabled else None, study.facts)
     out_dir = Path(context.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run: RunLogger | None = None
@@ -448,14 +483,12 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             run = start_run(store, cfg, context, out_dir) if store is not None else None
         if run is not None:
             cached = {CACHE_DIR_TAG: str(cache.directory)} if cache.enabled else {}
-            run.set_tags(
-                {**model_tags(classifier, cfg), "inference_engine": study.engine, **cached}
-            )
+            run.set_tags({**model_tags(study.facts, cfg), **cached})
         reporter = SkipReporter()
         for file in images.skipped:
             reporter(file)
         images.on_skip = reporter
-        report_labels(images, study.classes, classifier.arch)
+        report_labels(images, study.classes, study.facts.arch)
         hook = ImageLogger(run) if run is not None else None
         writer = ResultsWriter(
             out_dir,
@@ -479,7 +512,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             "explanations_reused": study.reused,
             **{f"seconds_{phase}": value for phase, value in seconds.items()},
         }
-        params = explanation_params(cfg, classifier, study.versions, study.engine)
+        if not study.model.built:
+            log.info("every prediction and map was cached: the model was not loaded")
+        params = explanation_params(cfg, study.facts, study.versions)
         files = write_run_files(writer, params, summary, images.skipped)
         if run is not None and hook is not None:
             log_results(run, cfg.method.name, summary, files, results)

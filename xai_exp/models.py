@@ -12,20 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from xai_exp.architectures import Family, family_of
 from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
-from xai_exp.errors import describe, first_line
+from xai_exp.errors import ModelLoadError, describe, first_line
+from xai_exp.views import fit_mask_to_input, fit_to_input
 
 BUNDLED_ARCH = "efficientnet_lite0"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
-
-
-class ModelLoadError(RuntimeError):
-    """Weights could not be loaded; the message says how to get a working model."""
 
 
 @dataclass
@@ -466,40 +462,5 @@ def load_classifier(cfg: ModelConfig, device: str = "auto") -> Classifier:
     )
 
 
-RESAMPLING = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-
-def _fit(
-    pil: Image.Image, size: int, resample: Image.Resampling, crop_fraction: float = 1.0
-) -> Image.Image:
-    width, height = pil.size
-    shorter = max(size, round(size / crop_fraction))
-    scale = shorter / min(width, height)
-    new_w, new_h = max(shorter, round(width * scale)), max(shorter, round(height * scale))
-    pil = pil.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return pil.crop((left, top, left + size, top + size))
-
-
-def fit_to_input(
-    image: np.ndarray, size: int, crop_fraction: float = 1.0, interpolation: str = "bicubic"
-) -> np.ndarray:
-    """Resize the shorter side to `size / crop_fraction` and centre-crop `size` x `size`: the
-    explained view, uint8 (crop_fraction 1: today's full square)."""
-    resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
-    fitted = _fit(Image.fromarray(image), size, resample, crop_fraction)
-    return np.asarray(fitted, dtype=np.uint8).copy()
-
-
-def fit_mask_to_input(mask: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """A boolean mask of the image through the same resize and crop (nearest): the view's."""
-    pil = Image.fromarray(mask.astype(np.uint8) * 255)
-    fitted = _fit(pil, size, Image.Resampling.NEAREST, crop_fraction)
-    return np.asarray(fitted) > 127
+# re-exported: the view belongs to the model, the error to loading it
+__all__ = ["ModelLoadError", "fit_mask_to_input", "fit_to_input"]

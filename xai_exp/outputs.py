@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,10 +21,12 @@ from xai_exp import plots
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import PlotsConfig, StudyConfig
 from xai_exp.data import SkippedFile
-from xai_exp.faithfulness import FaithfulnessCurves
 from xai_exp.files import atomic_path, atomic_write_text
-from xai_exp.models import Classifier
+from xai_exp.model_facts import ModelFacts
 from xai_exp.results import ImageResult, Status, csv_columns
+
+if TYPE_CHECKING:
+    from xai_exp.faithfulness import FaithfulnessCurves
 
 RESULTS_CSV = "results.csv"
 KEYS_CSV = "explanation_keys.csv"  # per image the cache keys of its maps (for `compare`)
@@ -167,24 +169,24 @@ class ResultsWriter:
 
 
 def explanation_params(
-    cfg: StudyConfig, classifier: Classifier, versions: dict[str, str], engine: str
+    cfg: StudyConfig, model: ModelFacts, versions: dict[str, str]
 ) -> dict[str, Any]:
     """What determines the explanations, as JSON (never pickled)."""
     return {
         "model": {
-            "arch": classifier.arch,
-            "identity": classifier.identity,
-            "family": classifier.family.name if classifier.family else None,
-            "target_layer": classifier.target_layer_name,
+            "arch": model.arch,
+            "identity": model.identity,
+            "family": model.family,
+            "target_layer": model.target_layer_name,
             "preprocess": cfg.model.preprocess,
-            **classifier.preprocessing(),
+            **model.preprocessing(),
         },
         "method": dataclasses.asdict(cfg.method),
         "lime": dataclasses.asdict(cfg.lime),
         "threshold": dataclasses.asdict(cfg.threshold),
         "precision": cfg.precision,
-        "device": str(classifier.device),
-        "inference_engine": engine,
+        "device": model.device,
+        "inference_engine": model.engine,
         "versions": versions,
     }
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,11 +19,7 @@ from xai_exp.cache import ExplanationCache, cache_key
 from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, lime_seeds, target_choice
 from xai_exp.data import ImageItem
 from xai_exp.errors import describe
-from xai_exp.explainers import lime as lime_explainer
-from xai_exp.explainers.cam import compute_cam
 from xai_exp.explainers.superpixels import SuperpixelWorkers, segment
-from xai_exp.faithfulness import FaithfulnessCurves, deletion_insertion
-from xai_exp.inference import prepare_for_inference
 from xai_exp.labels import ClassIndex
 from xai_exp.masks import (
     DegenerateMapError,
@@ -34,9 +30,15 @@ from xai_exp.masks import (
     signal_fraction,
 )
 from xai_exp.metrics import iou
-from xai_exp.models import Classifier
+from xai_exp.model_facts import DeferredClassifier
 from xai_exp.results import Evidence, ImageResult, Status, computed_metrics
-from xai_exp.sanity import RandomisationResult, randomisation_check
+
+# Modules that import torch are imported where a network runs: a rerun whose explanations
+# are all cached never loads torch (see `model_facts`).
+if TYPE_CHECKING:
+    from xai_exp.faithfulness import FaithfulnessCurves
+    from xai_exp.models import Classifier
+    from xai_exp.sanity import RandomisationResult
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,20 @@ class Step:
     key: str  # cache key: later steps that depend on this one include it in theirs
 
 
+def prepare_for_classifier(
+    classifier: Classifier, cfg: StudyConfig, cache: ExplanationCache
+) -> str:
+    """Prepare the classifier's forward-only passes; returns the engine that runs them."""
+    from xai_exp.inference import prepare_for_inference
+
+    return prepare_for_inference(
+        classifier,
+        cfg.inference.engine,
+        cfg.precision,
+        graph_dir=cache.directory if cache.enabled else None,
+    )
+
+
 class Study:
     """Runs the configured explanations for images, reusing cached ones.
 
@@ -101,28 +117,35 @@ class Study:
     returns a `Step`. `computed` and `reused` count explanations over the whole study.
     """
 
-    def __init__(self, cfg: StudyConfig, classifier: Classifier, cache: ExplanationCache) -> None:
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        classifier: Classifier | DeferredClassifier,
+        cache: ExplanationCache,
+    ) -> None:
+        """`classifier` built now, or deferred: its facts now, its network when a map or
+        prediction is not cached."""
         self.cfg = cfg
-        self.classifier = classifier
         self.cache = cache
         self.precision = cfg.precision
         self.versions = library_versions()
         self.computed = 0
         self.reused = 0
-        self.classes = ClassIndex(classifier.labels)
+        if isinstance(classifier, DeferredClassifier):
+            self.model = classifier
+        else:
+            engine = prepare_for_classifier(classifier, cfg, cache)
+            self.model = DeferredClassifier.ready(classifier, engine)
+        self.facts = facts = self.model.facts
+        self.engine = facts.engine
+        self.classes = ClassIndex(facts.labels)
         self.target = target = target_choice(cfg.method.target_class)
-        if isinstance(target, int) and target >= len(classifier.labels):
+        if isinstance(target, int) and target >= len(facts.labels):
             raise ConfigError(
                 f"method.target_class={target} is out of range: the model has "
-                f"{len(classifier.labels)} classes (0..{len(classifier.labels) - 1})"
+                f"{len(facts.labels)} classes (0..{len(facts.labels) - 1})"
             )
-        self.engine = prepare_for_inference(
-            classifier,
-            cfg.inference.engine,
-            cfg.precision,
-            graph_dir=cache.directory if cache.enabled else None,
-        )
-        workers = superpixel_worker_count(cfg.inference.workers, classifier.device.type)
+        workers = superpixel_worker_count(cfg.inference.workers, facts.device.split(":")[0])
         segmentation = cfg.lime.segmentation
         self.workers = (
             SuperpixelWorkers(workers, segmentation.algorithm, segmentation.params)
@@ -130,6 +153,11 @@ class Study:
             else None
         )
         self.prefetch_depth = 2 * workers
+
+    @property
+    def classifier(self) -> Classifier:
+        """The network, built on first use when the study started from cached facts."""
+        return self.model.get()
 
     # -- cached steps --------------------------------------------------------------------------
     def _cached(
@@ -169,17 +197,19 @@ class Study:
         return {}
 
     def _base_key(self, item: ImageItem) -> dict[str, Any]:
-        classifier = self.classifier
-        view = (classifier.crop_fraction, classifier.interpolation)
+        facts = self.facts
+        view = (facts.crop_fraction, facts.interpolation)
         return {
             "image": item.content_hash,
-            "input_size": classifier.input_size,
+            "input_size": facts.input_size,
             "algorithm_version": ALGORITHM_VERSION,
             # another view is another explanation (the full bicubic square keeps older keys)
             **({} if view == (1.0, "bicubic") else {"view": view}),
         }
 
     def _cam_map(self, classifier: Classifier, view: np.ndarray, target: int) -> np.ndarray:
+        from xai_exp.explainers.cam import compute_cam
+
         method = self.cfg.method
         return compute_cam(
             classifier,
@@ -191,14 +221,33 @@ class Study:
             precision=self.precision,
         )
 
+    def prediction(self, item: ImageItem, view: np.ndarray) -> np.ndarray:
+        """Class probabilities of the image's view (cached: a rerun needs no network)."""
+        key = cache_key(
+            **self._base_key(item),
+            kind="prediction",
+            model=self.facts.identity,
+            precision=self.precision,
+            versions=[self.versions["torch"]],
+        )
+        classes = len(self.facts.labels)
+        step = self._cached(
+            "prediction",
+            key,
+            lambda: {"probabilities": self.classifier.predict(view, self.precision)[0]},
+            {"probabilities": (classes,)},
+            count=False,
+        )
+        return step.arrays["probabilities"]
+
     def cam(self, item: ImageItem, view: np.ndarray, target: int) -> Step:
         """CAM map (``arrays["cam"]``) for the image's view and target class."""
         method = self.cfg.method
         key = cache_key(
             **self._base_key(item),
             kind="cam",
-            model=self.classifier.identity,
-            target_layer=self.classifier.target_layer_name,
+            model=self.facts.identity,
+            target_layer=self.facts.target_layer_name,
             method=method.name,
             implementation=method.implementation,
             precision=self.precision,
@@ -245,7 +294,7 @@ class Study:
             return
         key = self._segments_key(item)
         if not self.cache.contains("segments", key):
-            self.workers.submit(key, self.classifier.view(item.image))
+            self.workers.submit(key, self.facts.view(item.image))
 
     def close(self) -> None:
         """Stop the superpixel workers."""
@@ -260,7 +309,7 @@ class Study:
         key = cache_key(
             **self._base_key(item),
             kind="lime",
-            model=self.classifier.identity,
+            model=self.facts.identity,
             segments=segments.key,
             target=target,
             num_samples=cfg.num_samples,
@@ -271,13 +320,12 @@ class Study:
             versions=[self.versions[n] for n in ("torch", "torchvision", "lime")],
             **self._engine_key(cfg.implementation == "fast"),
         )
-        explain = (
-            lime_explainer.fast_lime
-            if cfg.implementation == "fast"
-            else lime_explainer.reference_lime
-        )
 
         def compute() -> dict[str, np.ndarray]:
+            from xai_exp.explainers import lime as lime_explainer
+
+            fast = cfg.implementation == "fast"
+            explain = lime_explainer.fast_lime if fast else lime_explainer.reference_lime
             explanation = explain(
                 self.classifier,
                 view,
@@ -299,6 +347,8 @@ class Study:
         self, view: np.ndarray, saliency: np.ndarray, explanation_key: str, target: int
     ) -> FaithfulnessCurves:
         """Deletion/insertion curves of one map, cached under the explanation's key."""
+        from xai_exp.faithfulness import FaithfulnessCurves, deletion_insertion
+
         metrics = self.cfg.metrics
         key = cache_key(
             kind="faithfulness",
@@ -339,6 +389,8 @@ class Study:
 
     def sanity(self, view: np.ndarray, target: int, cam_key: str) -> RandomisationResult:
         """Model-parameter randomisation check of the CAM method on this image."""
+        from xai_exp.sanity import RandomisationResult, randomisation_check
+
         metrics = self.cfg.metrics
         key = cache_key(
             kind="sanity",
@@ -441,18 +493,16 @@ class Study:
 
     def _explain(self, item: ImageItem) -> ImageResult:
         result = ImageResult(name=item.name, artifact_stem=item.artifact_stem)
-        view = self.classifier.view(item.image)
+        view = self.facts.view(item.image)
         result.arrays["image"] = view
-        probabilities = self.classifier.predict(view, self.precision)[0]
+        probabilities = self.prediction(item, view)
         result.predicted_class = int(np.argmax(probabilities))
-        result.predicted_label = self.classifier.label(result.predicted_class)
+        result.predicted_label = self.facts.label(result.predicted_class)
         result.probability = float(probabilities[result.predicted_class])
         if item.label is not None:
             true_class = self.classes.lookup(item.label)
             result.true_class = true_class
-            result.true_label = (
-                item.label if true_class is None else self.classifier.label(true_class)
-            )
+            result.true_label = item.label if true_class is None else self.facts.label(true_class)
         if result.true_class is not None:
             result.values["correct"] = result.predicted_class == result.true_class
         if self.target == TRUE_CLASS:
@@ -464,7 +514,7 @@ class Study:
         else:
             target = result.predicted_class if self.target is None else int(self.target)
         result.target_class = target
-        result.target_label = self.classifier.label(target)
+        result.target_label = self.facts.label(target)
 
         cam_step = self.cam(item, view, target)
         segment_step = self.segments(item, view)
@@ -529,7 +579,7 @@ class Study:
                 target=target,
                 object_mask=None
                 if item.object_mask is None
-                else self.classifier.view_mask(item.object_mask),
+                else self.facts.view_mask(item.object_mask),
                 faithfulness_of=lambda source, saliency: self.faithfulness(
                     view, saliency, (cam_step if source == "cam" else lime_step).key, target
                 ),

