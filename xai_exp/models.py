@@ -55,16 +55,6 @@ class Classifier:
         """A boolean mask of the image through the view's resize and crop (nearest)."""
         return fit_mask_to_input(mask, self.input_size, self.crop_fraction)
 
-    def preprocessing(self) -> dict[str, object]:
-        """The view and normalisation, as logged."""
-        return {
-            "input_size": self.input_size,
-            "crop_fraction": self.crop_fraction,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
     def normalised_pixels(self, images: np.ndarray) -> torch.Tensor:
         """NHWC (or HWC) RGB pixel values in [0, 255] to normalised NHWC floats on the device."""
         array = images[None] if images.ndim == 3 else images
