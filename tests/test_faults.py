@@ -428,6 +428,26 @@ def test_overlay_title_shows_dollar_signs_as_typed():
     assert "x\\$_\\$y" in figure.get_suptitle()
 
 
+def test_ctrl_c_while_a_finished_run_is_closed_closes_it_then_stops(
+    tracking_store, tmp_path, monkeypatch
+):
+    closing = RunLogger.finish
+
+    def finish_under_ctrl_c(self, status="FINISHED"):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C as the run closes
+        time.sleep(0.05)
+        closing(self, status)
+
+    monkeypatch.setattr(RunLogger, "finish", finish_under_ctrl_c)
+    cfg = compose_config(
+        [*TINY_STUDY, f"tracking.uri={tracking_store.uri}", f"cache.dir={tmp_path / 'cache'}"]
+    )
+    with pytest.raises(KeyboardInterrupt):  # not swallowed: a sweep stops at the first press
+        execute(cfg, JobContext(output_dir=tmp_path / "out"))
+    [run] = tracking_store.client.search_runs([tracking_store.experiment_id])
+    assert run.info.status == "FINISHED"  # closed first, with the status it had earned
+
+
 def test_an_interrupt_while_a_run_is_created_arrives_after_it():
     from xai_exp import signals
 
@@ -450,5 +470,40 @@ def test_an_interrupt_while_a_run_is_created_arrives_after_it():
             finished.append("cleaned up")
         assert finished[-1] == "cleaned up"
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        restore_default_signals()
+
+
+def restore_default_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_signal_between_jobs_waits_for_the_next_job_and_interrupts_inside_one():
+    from xai_exp import signals
+
+    ran: list[str] = []
+
+    def job(send: int | None = None) -> None:
+        with signals.interruptible():
+            if send is not None:
+                os.kill(os.getpid(), send)
+                time.sleep(1)
+            ran.append("to the end")
+
+    signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # in Hydra's code between two jobs
+        time.sleep(0.05)  # nothing raised here
+        with pytest.raises(signals.Terminated, match="SIGTERM"):
+            job()  # the next job stops as it starts
+        with pytest.raises(KeyboardInterrupt):
+            job(signal.SIGINT)  # inside a job: at once
+        assert ran == []
+        os.kill(os.getpid(), signal.SIGHUP)  # after the last job
+        time.sleep(0.05)
+        with pytest.raises(signals.Terminated, match="SIGHUP"):
+            signals.raise_pending()
+        signals.raise_pending()  # raised once
+    finally:
+        restore_default_signals()

@@ -129,7 +129,8 @@ def run_job(cfg: DictConfig) -> float:
     """Hydra task: one clear line for user errors, a FAILED run for anything else."""
     context = job_context()
     try:
-        return execute(to_study_config(cfg), context)
+        with signals.interruptible():  # Hydra's own code between jobs is never interrupted
+            return execute(to_study_config(cfg), context)
     except USER_ERRORS as error:
         message = f"xai-exp: {error}"
         if context.multirun:
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.install()
     try:
         hydra_main()
+        signals.raise_pending()  # one that arrived after the last job
     except KeyboardInterrupt as error:
         close_open_sweeps(interrupted=True)
         print(f"xai-exp: interrupted ({error or 'SIGINT'})", file=sys.stderr)

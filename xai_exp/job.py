@@ -62,7 +62,7 @@ from xai_exp.outputs import (
 )
 from xai_exp.pipeline import Study, library_versions, prepare_for_classifier, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
-from xai_exp.signals import deferred, shielded
+from xai_exp.signals import deferred
 from xai_exp.sweep import read_parent_marker
 from xai_exp.tracking import (
     RunLogger,
@@ -545,7 +545,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     finally:
         study.close()
         if run is not None:
-            with shielded():  # a second Ctrl-C or SIGTERM cannot leave the run RUNNING
+            # a Ctrl-C or SIGTERM now cannot leave the run RUNNING: it takes effect once the
+            # run is closed (and stops a sweep there, at the first press)
+            with deferred():
                 if error is not None:
                     log_partial(run, writer, error)
                     if hook is not None:
@@ -553,5 +555,5 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
                             hook.flush()  # the images finished before the failure
                 status = terminal_status(error)
                 run.finish(status)
-            if error is not None:
-                log.warning("MLflow run %s marked %s (%s)", run.run_id, status, describe(error))
+                if error is not None:
+                    log.warning("MLflow run %s marked %s (%s)", run.run_id, status, describe(error))

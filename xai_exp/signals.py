@@ -3,7 +3,11 @@
 Python runs no handler on SIGTERM (a SLURM time limit, `timeout`, `docker stop`) or SIGHUP (a
 closed terminal): without one, `finally` blocks never run and MLflow runs stay RUNNING. With
 `install()`, both raise `Terminated`, a `KeyboardInterrupt`, so they end a run exactly like
-Ctrl-C. `shielded()` ignores further signals while a run is being closed.
+Ctrl-C. They are raised only inside `interruptible()` blocks (a study's own code); one that
+arrives elsewhere (Hydra's code between two sweep jobs, which may turn an exception raised in
+the middle of it into an error of its own) waits for the next block, or for `raise_pending()`.
+`deferred()` holds signals while a run is created or closed and raises them after;
+`shielded()` ignores them while a sweep's parent run is closed, the last thing a sweep does.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-HANDLED = ("SIGTERM", "SIGHUP")
 SHIELDED = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
@@ -24,8 +27,19 @@ class Terminated(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
-def _raise_terminated(number: int, _frame: object) -> None:
-    raise Terminated(signal.Signals(number).name)
+_pending: list[str] = []  # signals received outside an interruptible block, oldest first
+_depth = 0  # how many interruptible blocks are open
+
+
+def _interrupt(name: str) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if name == "SIGINT" else Terminated(name)
+
+
+def _on_signal(number: int, _frame: object) -> None:
+    name = signal.Signals(number).name
+    if _depth > 0:
+        raise _interrupt(name)
+    _pending.append(name)
 
 
 def _signals(names: tuple[str, ...]) -> list[signal.Signals]:
@@ -33,10 +47,33 @@ def _signals(names: tuple[str, ...]) -> list[signal.Signals]:
 
 
 def install() -> None:
-    """SIGTERM and SIGHUP raise `Terminated` in the main thread (elsewhere: nothing to do)."""
+    """SIGINT, SIGTERM and SIGHUP interrupt `interruptible()` blocks in the main thread (a
+    SIGINT the parent process ignores stays ignored)."""
     with contextlib.suppress(ValueError):  # not the main thread
-        for number in _signals(HANDLED):
-            signal.signal(number, _raise_terminated)
+        for number in _signals(SHIELDED):
+            if number == signal.SIGINT and signal.getsignal(number) == signal.SIG_IGN:
+                continue
+            signal.signal(number, _on_signal)
+
+
+def raise_pending() -> None:
+    """Raise the first signal that arrived outside an interruptible block, if any."""
+    if _pending:
+        name = _pending[0]
+        _pending.clear()
+        raise _interrupt(name)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """A block that signals interrupt at once (after any that arrived before it)."""
+    global _depth
+    _depth += 1
+    try:
+        raise_pending()
+        yield
+    finally:
+        _depth -= 1
 
 
 @contextlib.contextmanager
@@ -72,8 +109,7 @@ def deferred() -> Iterator[None]:
         for number, handler in saved.items():
             signal.signal(number, handler)
     if received:
-        name = signal.Signals(received[0]).name
-        raise KeyboardInterrupt() if name == "SIGINT" else Terminated(name)
+        raise _interrupt(signal.Signals(received[0]).name)
 
 
 def exit_code(error: KeyboardInterrupt) -> int:
