@@ -479,6 +479,12 @@ def restore_default_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def job_free_press(sig: int) -> None:
+    """Send `sig` to this process outside any job and give it time to land."""
+    os.kill(os.getpid(), sig)
+    time.sleep(1)
+
+
 def test_a_signal_between_jobs_waits_for_the_next_job_and_interrupts_inside_one():
     from xai_exp import signals
 
@@ -505,5 +511,10 @@ def test_a_signal_between_jobs_waits_for_the_next_job_and_interrupts_inside_one(
         with pytest.raises(signals.Terminated, match="SIGHUP"):
             signals.raise_pending()
         signals.raise_pending()  # raised once
+        os.kill(os.getpid(), signal.SIGTERM)  # outside a job, waiting ...
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            job_free_press(signal.SIGINT)  # ... and pressed again: at once
+        signals.raise_pending()  # nothing left over
     finally:
         restore_default_signals()

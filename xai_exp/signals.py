@@ -5,7 +5,8 @@ closed terminal): without one, `finally` blocks never run and MLflow runs stay R
 `install()`, both raise `Terminated`, a `KeyboardInterrupt`, so they end a run exactly like
 Ctrl-C. They are raised only inside `interruptible()` blocks (a study's own code); one that
 arrives elsewhere (Hydra's code between two sweep jobs, which may turn an exception raised in
-the middle of it into an error of its own) waits for the next block, or for `raise_pending()`.
+the middle of it into an error of its own) waits for the next block, or for `raise_pending()`;
+a second one there raises at once.
 `deferred()` holds signals while a run is created or closed and raises them after;
 `shielded()` ignores them while a sweep's parent run is closed, the last thing a sweep does.
 """
@@ -37,7 +38,8 @@ def _interrupt(name: str) -> KeyboardInterrupt:
 
 def _on_signal(number: int, _frame: object) -> None:
     name = signal.Signals(number).name
-    if _depth > 0:
+    if _depth > 0 or _pending:  # inside a job, or pressed again: the user insists
+        _pending.clear()
         raise _interrupt(name)
     _pending.append(name)
 
