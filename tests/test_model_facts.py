@@ -160,10 +160,10 @@ def test_check_config_refuses_a_method_from_cached_facts(tmp_path):
         refusals={"ablationcam": "method=ablationcam does not work on vit models (tokens)"},
     )  # fmt: skip
     store_facts(cache, key, facts)
-    assert isinstance(check_config(cfg, cache), DeferredClassifier)
+    assert isinstance(check_config(cfg, cache, key), DeferredClassifier)
     cfg.method.name = "ablationcam"
     with pytest.raises(ConfigError, match="does not work on vit models"):
-        check_config(cfg, cache)
+        check_config(cfg, cache, key)
 
 
 @pytest.mark.slow

@@ -397,14 +397,14 @@ class NothingComparedError(RuntimeError):
 
 
 def check_config(
-    cfg: StudyConfig, cache: ExplanationCache | None = None
+    cfg: StudyConfig, cache: ExplanationCache | None = None, key: str | None = None
 ) -> Classifier | DeferredClassifier:
     """Everything beyond `validate` that would fail every image; returns the model.
 
     Plugins, the method, superpixel parameters, the data folder, the device and the model
     itself: it is loaded and its target layer checked by a dry forward pass. When `cache`
-    holds the model's facts (`model_facts`), they are checked instead and the network is
-    loaded only when a prediction or a map is not cached.
+    holds the model's facts under `key` (`model_facts.facts_key`), they are checked instead
+    and the network is loaded only when a prediction or a map is not cached.
     """
     load_plugins(cfg.metrics.plugins)
     check_method(cfg.method.name)
@@ -414,7 +414,6 @@ def check_config(
         manifest = cfg.data.manifest
         if manifest and not Path(manifest).expanduser().is_file():
             raise DataError(f"data.manifest={manifest} is not a file (a CSV of file,label rows)")
-    key = facts_key(cfg) if cache is not None and cache.enabled else None
     facts = cached_facts(cache, key) if cache is not None else None
     if cache is None or key is None or facts is None:
         return load_model(cfg)
@@ -464,14 +463,15 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     tracking = cfg.tracking
     store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
     cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    model = check_config(cfg, cache)
+    key = facts_key(cfg) if cache.enabled else None
+    model = check_config(cfg, cache, key)
     images = open_images(cfg.data)  # listed, not read: listing problems refuse the run
     annotations = Annotations.open(cfg.data.masks_dir, cfg.data.boxes)
     if annotations is not None:
         images.annotate = annotations.object_mask
     study = Study(cfg, model, cache)
     if not isinstance(model, DeferredClassifier):
-        store_facts(cache, facts_key(cfg) if cache.enabled else None, study.facts)
+        store_facts(cache, key, study.facts)
     out_dir = Path(context.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run: RunLogger | None = None

@@ -47,14 +47,6 @@ class Classifier:
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None  # tokens -> B x C x H x W
     family: Family | None = None
 
-    def view(self, image: np.ndarray) -> np.ndarray:
-        """The explained view of an image (uint8 HxWx3), the same for CAM and LIME."""
-        return fit_to_input(image, self.input_size, self.crop_fraction, self.interpolation)
-
-    def view_mask(self, mask: np.ndarray) -> np.ndarray:
-        """A boolean mask of the image through the view's resize and crop (nearest)."""
-        return fit_mask_to_input(mask, self.input_size, self.crop_fraction)
-
     def normalised_pixels(self, images: np.ndarray) -> torch.Tensor:
         """NHWC (or HWC) RGB pixel values in [0, 255] to normalised NHWC floats on the device."""
         array = images[None] if images.ndim == 3 else images

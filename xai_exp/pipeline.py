@@ -137,7 +137,6 @@ class Study:
             engine = prepare_for_classifier(classifier, cfg, cache)
             self.model = DeferredClassifier.ready(classifier, engine)
         self.facts = facts = self.model.facts
-        self.engine = facts.engine
         self.classes = ClassIndex(facts.labels)
         self.target = target = target_choice(cfg.method.target_class)
         if isinstance(target, int) and target >= len(facts.labels):
@@ -192,8 +191,9 @@ class Study:
 
     def _engine_key(self, runs_forward_passes: bool) -> dict[str, Any]:
         """The engine, for steps whose forward passes it runs (torch keeps the older keys)."""
-        if runs_forward_passes and self.engine != "torch":
-            return {"engine": self.engine, "engine_version": self.versions["onnxruntime"]}
+        engine = self.facts.engine
+        if runs_forward_passes and engine != "torch":
+            return {"engine": engine, "engine_version": self.versions["onnxruntime"]}
         return {}
 
     def _base_key(self, item: ImageItem) -> dict[str, Any]:
