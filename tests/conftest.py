@@ -100,6 +100,7 @@ class FakeImage:
     cam_seconds: float = 0.1
     lime_seconds: float = 0.2
     stem: str | None = None  # artifact stem; defaults to the name
+    values: Mapping[str, float] = field(default_factory=dict)  # more results.csv metrics
 
     @property
     def artifact_stem(self) -> str:
@@ -194,6 +195,7 @@ def log_study_run(
                         "iou": "" if image.iou is None else image.iou,
                         "cam_seconds": "" if image.status == "error" else image.cam_seconds,
                         "lime_seconds": "" if image.status == "error" else image.lime_seconds,
+                        **image.values,
                     }
                 )
         client.log_artifact(run_id, str(out / "results.csv"))

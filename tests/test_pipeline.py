@@ -182,8 +182,29 @@ def test_several_lime_seeds_give_lime_self_agreement_and_iou_per_seed(tmp_path):
     masks = [singles[s].arrays["lime_mask"] for s in (0, 1, 2) if "lime_mask" in singles[s].arrays]
     pairwise = [iou(a, b) for n, a in enumerate(masks) for b in masks[n + 1 :]]
     assert result.values["lime_self_iou"] == pytest.approx(np.mean(pairwise))
+    corrected = [singles[s].values["iou_corrected"] for s in (0, 1, 2) if singles[s].iou]
+    assert result.values["iou_corrected"] == pytest.approx(np.mean(corrected))  # seeds averaged
     summary = summary_metrics([result])
     assert summary["mean_lime_self_iou"] == result.values["lime_self_iou"]
     assert summary["ceiling_normalised_iou"] == pytest.approx(
         result.iou / result.values["lime_self_iou"]
     )
+
+
+def test_each_image_records_its_chance_level_ceiling_and_agreement_above_chance():
+    from xai_exp.metrics import iou_ceiling, iou_chance
+
+    study = Study(config(fraction=0.2), tiny_classifier(), ExplanationCache(enabled=False))
+    results = run_study(study, IMAGES, progress=False)
+    for result in results:
+        cam_mask, lime_mask = result.arrays["cam_mask"], result.arrays["lime_mask"]
+        first, second = int(cam_mask.sum()), int(lime_mask.sum())
+        chance = iou_chance(first, second, cam_mask.size)
+        ceiling = iou_ceiling(first, second)
+        assert result.values["iou_chance"] == pytest.approx(chance)
+        assert result.values["iou_ceiling"] == pytest.approx(ceiling)
+        assert result.values["iou_corrected"] == pytest.approx(
+            (result.iou - chance) / (ceiling - chance)
+        )
+        row = result.row()
+        assert row["iou_corrected"] == result.values["iou_corrected"]  # a results.csv column

@@ -66,7 +66,7 @@ def test_report_links_runs_and_zooms_images():
         png=b"\x89PNG",
         url="http://127.0.0.1:5000/#/experiments/1/runs/abc123",
     )
-    page = render_html("t", [], pd.DataFrame({"mean_iou": [0.5]}), b"\x89PNG", [item])
+    page = render_html("t", [], [], pd.DataFrame({"mean_iou": [0.5]}), b"\x89PNG", [item])
     assert 'href="http://127.0.0.1:5000/#/experiments/1/runs/abc123"' in page
     assert "classList.toggle('full')" in page
     assert 'class="table-wrap"' in page

@@ -121,3 +121,45 @@ def test_ctrl_c_closes_the_parent_and_keeps_finished_children(tmp_path):
     statuses = [c.info.status for c in children]
     assert "FINISHED" in statuses
     assert "RUNNING" not in statuses
+
+
+def test_a_random_cam_gains_raw_iou_with_the_threshold_but_no_agreement_above_chance(tmp_path):
+    """RandomCAM knows nothing of LIME: raw IoU still rises with the CAM mask's area (chance
+    does), while the agreement above chance stays near 0, and the comparison says so."""
+    done = subprocess.run(
+        study_command(
+            tmp_path,
+            "model=resnet18",
+            "model.weights=null",
+            "model.input_size=64",
+            "model.target_layer=layer1.-1",  # a 16x16 map: random at a fine grain
+            "data.limit=6",
+            "lime.num_samples=30",
+            "lime=slic",
+            "lime.segmentation.params.n_segments=60",
+            "progress=false",
+            "method=randomcam",
+            "threshold=top5,top10,top20",
+            multirun=True,
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, [parent], children = parents_and_children(tmp_path)
+    by_fraction = {
+        float(c.data.params["threshold.cam_top_fraction"]): c.data.metrics for c in children
+    }
+    raw = [by_fraction[f]["mean_iou"] for f in (0.05, 0.1, 0.2)]
+    chance = [by_fraction[f]["mean_iou_chance"] for f in (0.05, 0.1, 0.2)]
+    above = [by_fraction[f]["mean_iou_corrected"] for f in (0.05, 0.1, 0.2)]
+    assert raw[0] < raw[1] < raw[2]
+    assert chance[0] < chance[1] < chance[2]
+    assert above[2] <= above[0] + 0.01  # no gain above chance from a larger mask
+    assert all(abs(value) < 0.1 for value in above)
+    assert raw[2] - raw[0] > 0.03  # while raw IoU gains several times that
+    assert "the raw ranking is mostly mask area" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["best_setting"] != "cam_top_fraction=0.2"
+    assert "best setting" in done.stdout

@@ -105,8 +105,11 @@ def _compare(args: argparse.Namespace) -> int:
     print(format_table(terminal_view(comparison.table)))
     print("(the intervals of every mean are in comparison.csv)")
     print()
+    for line in comparison.findings():
+        print(line)
+    print()
     if not comparison.paired.empty:
-        print("paired comparisons (mean IoU difference a - b on shared images, 95% CI, Wilcoxon):")
+        print("paired comparisons (mean difference a - b on shared images, 95% CI, Wilcoxon):")
         print(format_table(comparison.paired))
         print()
     methods = comparison.methods

@@ -44,7 +44,13 @@ from xai_exp.method_agreement import MATRIX_COLUMNS, MapSource, agreement_matrix
 from xai_exp.outputs import KEYS_CSV
 from xai_exp.report import GalleryItem, gallery_rows, render_html, settings_text
 from xai_exp.results import METRICS, MetricSpec, Stat, Status, interval_names
-from xai_exp.statistics import mean_interval, paired_difference
+from xai_exp.statistics import (
+    MIN_INTERVAL_IMAGES,
+    SIGNIFICANCE,
+    interval_warning,
+    mean_interval,
+    paired_difference,
+)
 from xai_exp.tracking import (
     PARENT_TAG,
     RunLogger,
@@ -96,6 +102,7 @@ GRID_NAME = "iou_per_image.csv"  # IoU per image (rows) and setting (columns)
 PAIRED_NAME = "paired.csv"  # settings that differ in one key, compared on shared images
 MATRIX_NAME = "method_agreement.csv"  # method x method (and LIME) agreement from cached maps
 PAIRED_COLUMNS = (
+    "metric",
     "differs_in",
     "a",
     "b",
@@ -107,8 +114,11 @@ PAIRED_COLUMNS = (
     "ci_low",
     "ci_high",
     "wilcoxon_p",
+    "note",
 )
 ARTIFACT_DIR = "comparison"
+CORRECTED = "iou_corrected"  # agreement above chance (`metrics.chance_corrected`)
+LEAD_COLUMNS = ("mean_iou_corrected", *interval_names("mean_iou_corrected"))
 
 
 def _group_stats(spec: MetricSpec) -> list[Stat]:
@@ -156,6 +166,22 @@ class Comparison:
     files: dict[str, Path] = field(default_factory=dict)
     paired: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PAIRED_COLUMNS)))
     methods: pd.DataFrame = field(default_factory=pd.DataFrame)  # `method_agreement`
+    verdict: Verdict | None = None  # best and worst setting (`verdict`)
+
+    def findings(self) -> list[str]:
+        """What a reader should take away first: the verdict and the small-sample warnings."""
+        lines = self.verdict.lines() if self.verdict is not None else []
+        counts = [int(n) for n in self.table["compared"] if n > 0]
+        small = [n for n in counts if interval_warning(n)]
+        if small and len(set(counts)) == 1:
+            lines.append(f"every {interval_warning(small[0])}")
+        elif small:
+            lines.append(
+                f"{len(small)} of {len(counts)} settings have intervals from fewer than "
+                f"{MIN_INTERVAL_IMAGES} images (n = {', '.join(map(str, sorted(set(small))))}): "
+                "each covers less than 95%"
+            )
+        return lines
 
     @property
     def settings(self) -> list[str]:
@@ -402,7 +428,26 @@ def summarize_groups(
         table["lime_samples"] = table["lime_samples"].astype("Int64")
     order = [k for k in shown if k != "cam_top_fraction"] + ["cam_top_fraction"]
     table = table.sort_values(order, key=lambda column: column.map(_sort_key), kind="mergesort")
-    return table.reset_index(drop=True)
+    return lead_with_corrected(table.reset_index(drop=True))
+
+
+def differ_in_area(table: pd.DataFrame, tolerance: float = 0.1) -> bool:
+    """Whether the settings' masks differ in size enough to move raw IoU: their mean chance
+    levels span more than `tolerance` of the largest."""
+    if "mean_iou_chance" not in table:
+        return False
+    chance = pd.to_numeric(table["mean_iou_chance"], errors="coerce").dropna()
+    return len(chance) > 1 and float(chance.max() - chance.min()) > tolerance * float(chance.max())
+
+
+def lead_with_corrected(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with agreement above chance before raw IoU when the settings differ in mask
+    size (raw IoU would rank their areas)."""
+    if not differ_in_area(table) or not all(c in table for c in LEAD_COLUMNS):
+        return table
+    columns = [c for c in table.columns if c not in LEAD_COLUMNS]
+    at = columns.index("mean_iou")
+    return table[[*columns[:at], *LEAD_COLUMNS, *columns[at:]]]
 
 
 def latest_per_image(images: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -414,8 +459,9 @@ def latest_per_image(images: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def terminal_view(table: pd.DataFrame) -> pd.DataFrame:
-    """The table for a terminal: the intervals of `mean_iou` only (every one is in the CSV)."""
-    keep = set(interval_names("mean_iou"))
+    """The table for a terminal: the intervals of `mean_iou` and of the agreement above chance
+    only (every one is in the CSV)."""
+    keep = {*interval_names("mean_iou"), *interval_names("mean_iou_corrected")}
     return table[[c for c in table.columns if not c.endswith(("_ci_low", "_ci_high")) or c in keep]]
 
 
@@ -502,16 +548,22 @@ def _same(a: Any, b: Any) -> bool:
     return (pd.isna(a) and pd.isna(b)) if (pd.isna(a) or pd.isna(b)) else a == b
 
 
-def paired_comparisons(comparison: Comparison, metric: str = "iou") -> pd.DataFrame:
+def paired_comparisons(
+    comparison: Comparison, metrics: Sequence[str] = (CORRECTED, "iou")
+) -> pd.DataFrame:
     """Every two settings that differ in one shown setting, on the images both compared.
 
-    Per pair: the mean `metric` of each (a, b: the differing values, in sorted order), the mean
-    paired difference a - b with its 95% bootstrap interval and the Wilcoxon signed-rank
-    p-value (`statistics.paired_difference`). `others` names the settings both share.
+    Per metric and pair: the mean of each (a, b: the differing values, in sorted order), the
+    mean paired difference a - b with its 95% bootstrap interval and the Wilcoxon signed-rank
+    p-value (`statistics.paired_difference`: none, and a note, where there are too few images
+    to test). `others` names the settings both share. Agreement above chance comes first.
     """
     groups = setting_groups(comparison)
     rows = []
-    for (first, first_rows), (second, second_rows) in itertools.combinations(groups, 2):
+    pairs = list(itertools.combinations(groups, 2))
+    for metric, ((first, first_rows), (second, second_rows)) in itertools.product(metrics, pairs):
+        if metric not in first_rows or metric not in second_rows:
+            continue
         differing = [key for key in first if not _same(first[key], second.get(key))]
         if len(differing) != 1:
             continue
@@ -527,6 +579,7 @@ def paired_comparisons(comparison: Comparison, metric: str = "iou") -> pd.DataFr
         others = {k: v for k, v in first.items() if k != key}
         rows.append(
             {
+                "metric": metric,
                 "differs_in": key,
                 "a": first[key],
                 "b": second[key],
@@ -535,6 +588,155 @@ def paired_comparisons(comparison: Comparison, metric: str = "iou") -> pd.DataFr
             }
         )
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One setting's mean of the verdict's metric, with its interval and image count."""
+
+    label: str
+    mean: float
+    low: float
+    high: float
+    images: int
+    chance: float  # mean chance-level IoU of its masks
+    raw: float  # mean raw IoU
+
+    def value_text(self) -> str:
+        """``0.105 [0.061, 0.150], n = 10``."""
+        interval = "" if math.isnan(self.low) else f" [{self.low:.3f}, {self.high:.3f}]"
+        return f"{self.mean:.3f}{interval}, n = {self.images}"
+
+    def text(self) -> str:
+        """``threshold=top5 (0.105 [0.061, 0.150], n = 10)``."""
+        return f"{self.label} ({self.value_text()})"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Which setting agrees best and worst, whether they differ, and how much is mask area."""
+
+    metric: str  # CORRECTED, or "iou" for stores without chance levels
+    best: Standing
+    worst: Standing
+    difference: Any  # statistics.PairedDifference on their shared images, None without any
+    area: str  # a sentence when raw IoU's ranking is mask area, else ""
+
+    @property
+    def differ(self) -> bool | None:
+        """Whether best and worst differ at the 5% level (None: not testable)."""
+        found = self.difference
+        if found is None or math.isnan(found.wilcoxon_p):
+            return None
+        return found.wilcoxon_p < SIGNIFICANCE
+
+    @property
+    def measure(self) -> str:
+        return "agreement above chance" if self.metric == CORRECTED else "mean IoU"
+
+    def lines(self) -> list[str]:
+        """The verdict in sentences, for the terminal, the report and the parent run."""
+        lines = [
+            f"best {self.measure}: {self.best.text()}",
+            f"worst {self.measure}: {self.worst.text()}",
+        ]
+        found = self.difference
+        if found is None:
+            lines.append("no shared images: best and worst cannot be tested as pairs")
+        elif self.differ is None:
+            lines.append(f"best vs worst: {found.note or 'not testable'}")
+        else:
+            verb = "differ" if self.differ else "do not differ significantly"
+            lines.append(
+                f"best vs worst {verb}: difference {found.mean_difference:+.3f} "
+                f"[{found.ci_low:.3f}, {found.ci_high:.3f}], Wilcoxon p = {found.wilcoxon_p:.3g}, "
+                f"n = {found.images}" + (f" ({found.note})" if found.note else "")
+            )
+        if self.area:
+            lines.append(self.area)
+        return lines
+
+
+def _label(shown: Mapping[str, Any], varying: Sequence[str]) -> str:
+    return settings_text({k: v for k, v in shown.items() if k in varying} or shown)
+
+
+def verdict(comparison: Comparison) -> Verdict | None:
+    """Best and worst setting by agreement above chance (raw IoU for older runs), tested on
+    their shared images, and the area sentence; None with fewer than two settings."""
+    groups = [(shown, rows) for shown, rows in setting_groups(comparison) if len(rows)]
+    if len(groups) < 2:
+        return None
+    varying = [
+        key for key in comparison.settings if len({repr(shown.get(key)) for shown, _ in groups}) > 1
+    ]
+
+    def mean(rows: pd.DataFrame, metric: str) -> float:
+        return _mean(rows[metric]) if metric in rows else math.nan
+
+    have_corrected = all(not math.isnan(mean(rows, CORRECTED)) for _, rows in groups)
+    metric = CORRECTED if have_corrected else "iou"
+    standings = []
+    for shown, rows in groups:
+        values = pd.to_numeric(rows[metric], errors="coerce").dropna()
+        low, high = mean_interval(values)
+        standings.append(
+            (
+                Standing(
+                    _label(shown, varying),
+                    mean(rows, metric),
+                    low,
+                    high,
+                    len(values),
+                    mean(rows, "iou_chance"),
+                    mean(rows, "iou"),
+                ),
+                rows,
+            )
+        )
+    scored = [item for item in standings if not math.isnan(item[0].mean)]
+    if len(scored) < 2:
+        return None
+    (best, best_rows), (worst, worst_rows) = (
+        max(scored, key=lambda item: item[0].mean),
+        min(scored, key=lambda item: item[0].mean),
+    )
+    joined = best_rows.set_index("image")[[metric]].join(
+        worst_rows.set_index("image")[[metric]], how="inner", rsuffix="_worst"
+    )
+    found = paired_difference(joined[metric], joined[f"{metric}_worst"])
+    difference = found if found.images >= 2 else None
+    area = ""
+    if metric == CORRECTED and differ_in_area(comparison.table):
+        area = area_sentence([item[0] for item in scored])
+    return Verdict(metric, best, worst, difference, area)
+
+
+def area_sentence(standings: Sequence[Standing]) -> str:
+    """How much of raw IoU's spread between its best and worst setting is the chance level of
+    their mask sizes, and whether agreement above chance keeps that order."""
+    raw_best = max(standings, key=lambda item: item.raw)
+    raw_worst = min(standings, key=lambda item: item.raw)
+    spread = raw_best.raw - raw_worst.raw
+    if spread <= 0 or math.isnan(raw_best.chance) or math.isnan(raw_worst.chance):
+        return ""
+    share = (raw_best.chance - raw_worst.chance) / spread
+    text = (
+        f"Raw IoU ranks {raw_best.label} above {raw_worst.label} ({raw_best.raw:.3f} vs "
+        f"{raw_worst.raw:.3f}), but random masks of the same sizes score {raw_best.chance:.3f} vs "
+        f"{raw_worst.chance:.3f}: mask area accounts for "
+        + ("all" if share >= 0.995 else f"{max(share, 0.0):.0%}")
+        + " of that difference"
+    )
+    reversed_order = raw_best.mean <= raw_worst.mean
+    if reversed_order or share >= 0.5:
+        above = f"{raw_best.mean:.3f} vs {raw_worst.mean:.3f}"
+        order = "does not keep that order" if reversed_order else "narrows it"
+        return (
+            f"{text}, and agreement above chance {order} ({above}): "
+            "the raw ranking is mostly mask area."
+        )
+    return f"{text}."
 
 
 def _run_keys(client: MlflowClient, run: Run, workdir: Path) -> dict[str, dict[str, str]]:
@@ -634,6 +836,7 @@ def write_outputs(
     page = render_html(
         title,
         meta,
+        comparison.findings(),
         comparison.table,
         plot_path.read_bytes(),
         gallery,
@@ -671,6 +874,7 @@ def build_comparison(
         frame = settings_frame(runs)
         comparison = Comparison(summarize_groups(runs, images, frame), images, list(runs), frame)
         comparison.paired = paired_comparisons(comparison)
+        comparison.verdict = verdict(comparison)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         full_meta = [
             *meta,

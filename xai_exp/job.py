@@ -63,6 +63,7 @@ from xai_exp.outputs import (
 from xai_exp.pipeline import Study, library_versions, prepare_for_classifier, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
 from xai_exp.signals import deferred
+from xai_exp.statistics import interval_warning
 from xai_exp.sweep import read_parent_marker
 from xai_exp.tracking import (
     RunLogger,
@@ -537,6 +538,16 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             study.computed,
             study.reused,
         )
+        log.info(
+            "agreement above chance %s (chance level %.3f, ceiling %.3f: "
+            "(IoU - chance) / (ceiling - chance))",
+            mean_with_interval(summary, "mean_iou_corrected"),
+            summary.get("mean_iou_chance", math.nan),
+            summary.get("mean_iou_ceiling", math.nan),
+        )
+        small = interval_warning(int(summary["n_compared"]))
+        if small:
+            log.warning("%s", small)
         print(where_to_look(cfg, out_dir, run), flush=True)
         return summary["mean_iou"]
     except BaseException as caught:

@@ -29,7 +29,7 @@ from xai_exp.masks import (
     lime_top_k_mask,
     signal_fraction,
 )
-from xai_exp.metrics import iou
+from xai_exp.metrics import chance_corrected, iou
 from xai_exp.model_facts import DeferredClassifier
 from xai_exp.results import Evidence, ImageResult, Status, computed_metrics
 
@@ -475,11 +475,13 @@ class Study:
             result.values["lime_self_iou"] = float(np.mean([iou(a, b) for a, b in pairs]))
         if cam_mask is None:
             return
-        per_seed = [None if mask is None else iou(cam_mask, mask) for mask in masks]
-        result.iou_by_seed = ";".join("" if v is None else f"{v:.4f}" for v in per_seed)
+        per_seed = [None if mask is None else chance_corrected(cam_mask, mask) for mask in masks]
+        result.iou_by_seed = ";".join("" if v is None else f"{v['iou']:.4f}" for v in per_seed)
         known = [v for v in per_seed if v is not None]
         if known:
-            result.values["iou"] = float(np.mean(known))
+            for name in known[0]:  # iou and its chance, ceiling and corrected: means over seeds
+                values = [float(v) for found in known if (v := found[name]) is not None]
+                result.values[name] = float(np.mean(values)) if values else None
             result.status = Status.OK if result.status == Status.FLAGGED else result.status
 
     # -- one image -----------------------------------------------------------------------
@@ -563,7 +565,7 @@ class Study:
         except DegenerateMapError as error:
             reasons.append(str(error))
         if cam_mask is not None and lime_mask is not None:
-            result.values["iou"] = iou(cam_mask, lime_mask)
+            result.values.update(chance_corrected(cam_mask, lime_mask))
         else:
             result.status = Status.FLAGGED
         if len(seeds) > 1:

@@ -246,11 +246,23 @@ def curve_plot(
     return figure
 
 
+def _error_bars(part: pd.DataFrame, metric: str) -> Any:
+    """The 95% interval of `metric` as error bar lengths (std without interval columns)."""
+    if f"{metric}_ci_low" in part:
+        below = (part[metric] - part[f"{metric}_ci_low"]).fillna(0.0).clip(lower=0)
+        above = (part[f"{metric}_ci_high"] - part[metric]).fillna(0.0).clip(lower=0)
+        return [below.to_numpy(), above.to_numpy()]
+    return part["std_iou"].fillna(0.0) if metric == "mean_iou" else None
+
+
 def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
-    """Mean IoU with its 95% bootstrap interval against cam_top_fraction, one line per
-    combination of the other settings (std when a table has no interval columns)."""
-    figure = new_figure(7.5, 4.5)
-    axes = figure.add_subplot()
+    """Mean IoU against cam_top_fraction over the chance level of its mask sizes (a band),
+    and beside it the agreement above chance; one line per combination of the other settings,
+    each mean with its 95% bootstrap interval (std when a table has no interval columns)."""
+    corrected = "mean_iou_corrected" in table and table["mean_iou_corrected"].notna().any()
+    figure = new_figure(12.0 if corrected else 7.5, 4.5)
+    raw_axes = figure.add_subplot(1, 2 if corrected else 1, 1)
+    above_axes = figure.add_subplot(1, 2, 2) if corrected else None
     lines = 0
     others = [key for key in settings if key != "cam_top_fraction"]
     groups = table.groupby(others, dropna=False, sort=True) if others else [((), table)]
@@ -264,34 +276,57 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
             for k, v in zip(others, values, strict=True)
             if not (isinstance(v, float) and math.isnan(v))  # a setting this run does not have
         )
-        if "mean_iou_ci_low" in part:
-            below = (part["mean_iou"] - part["mean_iou_ci_low"]).fillna(0.0).clip(lower=0)
-            above = (part["mean_iou_ci_high"] - part["mean_iou"]).fillna(0.0).clip(lower=0)
-            error: Any = [below.to_numpy(), above.to_numpy()]
-        else:
-            error = part["std_iou"].fillna(0.0)
-        axes.errorbar(
+        style: dict[str, Any] = {"marker": "o", "capsize": 3}
+        style["linestyle"] = "--" if "area_matched" in values else "-"
+        drawn = raw_axes.errorbar(
             part["cam_top_fraction"],
             part["mean_iou"],
-            yerr=error,
-            marker="o",
-            capsize=3,
-            linestyle="--" if "area_matched" in values else "-",
+            yerr=_error_bars(part, "mean_iou"),
             label=textwrap.fill(plain_text(named or "all runs"), 90),
+            **style,
         )
+        colour = drawn.lines[0].get_color()
+        if "mean_iou_chance" in part and part["mean_iou_chance"].notna().any():
+            raw_axes.fill_between(
+                part["cam_top_fraction"],
+                0,
+                part["mean_iou_chance"].fillna(0.0),
+                color=colour,
+                alpha=0.15,
+                linewidth=0,
+            )
         for x, y, n in zip(
             part["cam_top_fraction"], part["mean_iou"], part["compared"], strict=True
         ):
-            axes.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            raw_axes.annotate(
+                f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+        if above_axes is not None:
+            above_axes.errorbar(
+                part["cam_top_fraction"],
+                part["mean_iou_corrected"],
+                yerr=_error_bars(part, "mean_iou_corrected"),
+                color=colour,
+                **style,
+            )
         lines += 1
-    axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")
-    axes.set_ylabel("mean IoU (95% bootstrap CI over images)")
-    axes.set_ylim(bottom=0)
-    axes.set_title("CAM vs LIME agreement")
-    axes.grid(alpha=0.3)
+    raw_axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")
+    raw_axes.set_ylabel("mean IoU (95% bootstrap CI over images)")
+    raw_axes.set_ylim(bottom=0)
+    raw_axes.set_title("raw IoU; shaded: chance (random masks, same sizes)", fontsize="medium")
+    raw_axes.grid(alpha=0.3)
+    if above_axes is not None:
+        above_axes.axhline(0, color="0.4", linewidth=1, linestyle=":")
+        above_axes.set_xlabel("CAM top fraction (threshold.cam_top_fraction)")
+        above_axes.set_ylabel("(IoU - chance) / (ceiling - chance)")
+        above_axes.set_title("agreement above chance (0 = chance)", fontsize="medium")
+        above_axes.grid(alpha=0.3)
+    figure.suptitle("CAM vs LIME agreement")
     if lines:
         # below the axes: with several compared settings the labels are long
         figure.legend(loc="outside lower center", fontsize="small")
     else:
-        axes.text(0.5, 0.5, "no IoU to plot", ha="center", va="center", transform=axes.transAxes)
+        raw_axes.text(
+            0.5, 0.5, "no IoU to plot", ha="center", va="center", transform=raw_axes.transAxes
+        )
     return figure

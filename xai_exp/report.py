@@ -164,6 +164,14 @@ def html_table(frame: pd.DataFrame) -> str:
     )
 
 
+def _findings(findings: Sequence[str]) -> str:
+    """The verdict and the small-sample warnings, first on the page."""
+    if not findings:
+        return ""
+    items = "\n".join(f"<li>{html.escape(line)}</li>" for line in findings)
+    return f'<h2>Findings</h2>\n<ul class="findings">\n{items}\n</ul>'
+
+
 def _paired(paired: pd.DataFrame | None) -> str:
     """The paired comparisons: settings that differ in one key, on the images both compared."""
     if paired is None or paired.empty:
@@ -171,9 +179,11 @@ def _paired(paired: pd.DataFrame | None) -> str:
     table = html_table(paired)
     return (
         "<h2>Paired comparisons</h2>\n"
-        '<p class="meta">Two settings that differ in one key, on the images both compared: mean '
-        "IoU difference a − b with its 95% bootstrap interval (resampling images) and the "
-        "Wilcoxon signed-rank p-value.</p>\n"
+        '<p class="meta">Two settings that differ in one key, on the images both compared: the '
+        "mean difference a − b of agreement above chance (<code>iou_corrected</code>) and of raw "
+        "IoU, each with its 95% bootstrap interval (resampling images) and the Wilcoxon "
+        "signed-rank p-value; below 6 differing images no test can reach p &lt; 0.05, so none "
+        "is given (<code>note</code>).</p>\n"
         f'<div class="table-wrap">{table}</div>'
     )
 
@@ -210,6 +220,7 @@ def _methods(pairs: pd.DataFrame | None) -> str:
 def render_html(
     title: str,
     meta: Sequence[str],
+    findings: Sequence[str],
     table: pd.DataFrame,
     plot_png: bytes,
     gallery: Sequence[GalleryItem],
@@ -232,12 +243,16 @@ def render_html(
 <body>
 <h1>{html.escape(title)}</h1>
 <p class="meta">{meta_html}</p>
+{_findings(findings)}
 <h2>Runs grouped by settings</h2>
 <p class="meta">n = compared images per row (the column <code>compared</code>); each mean has
 its 95% bootstrap confidence interval (<code>_ci_low</code>, <code>_ci_high</code>: BCa,
 resampling images, seeded); std is over images, not an interval.</p>
 <div class="table-wrap">{table_html}</div>
 <h2>Mean IoU vs CAM top fraction</h2>
+<p class="meta">Left: raw IoU over the chance level of each setting's mask sizes (shaded: the
+expected IoU of random masks of the same sizes). Right: agreement above chance,
+(IoU − chance) / (ceiling − chance): 0 is chance, 1 the best the sizes allow.</p>
 <div class="plot"><img alt="mean IoU vs CAM top fraction" src="{png_data_uri(plot_png)}"></div>
 {_paired(paired)}
 {_methods(methods)}

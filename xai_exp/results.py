@@ -319,6 +319,23 @@ for _spec in (
         stats=(Stat.MEAN, Stat.MEDIAN, Stat.STD),
     ),
     MetricSpec(
+        "iou_corrected",
+        "agreement above chance: (IoU - chance) / (ceiling - chance); 0 is what random masks "
+        "of the same two sizes score on average, 1 the best those sizes allow",
+        Direction.HIGHER,
+        stats=(Stat.MEAN, Stat.MEDIAN),
+    ),
+    MetricSpec(
+        "iou_chance",
+        "chance level: the expected IoU of random masks of the same two sizes",
+        Direction.NEITHER,
+    ),
+    MetricSpec(
+        "iou_ceiling",
+        "the highest IoU masks of these two sizes can reach (the smaller over the larger)",
+        Direction.NEITHER,
+    ),
+    MetricSpec(
         "correct",
         "the predicted class is the image's true class (images with a known true class)",
         Direction.HIGHER,

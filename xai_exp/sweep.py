@@ -77,6 +77,16 @@ def close_open_sweeps(interrupted: bool) -> None:
         _OPEN.pop()._close(interrupted=interrupted)
 
 
+def sweep_note(children: int, findings: list[str]) -> str:
+    """The sweep parent's description in the MLflow UI (Markdown): the comparison's findings."""
+    lines = "\n".join(f"- {line}" for line in findings)
+    return (
+        f"**Sweep of {children} runs.** Settings compared by agreement above chance, "
+        "(IoU - chance) / (ceiling - chance), where their mask sizes differ.\n\n"
+        f"{lines}\n\nEvery number, the paired tests and the plots: `comparison/report.html`."
+    )
+
+
 class MlflowSweepCallback(Callback):
     """Opens a parent run when a sweep starts; closes it (with the comparison) at the end.
 
@@ -149,12 +159,15 @@ class MlflowSweepCallback(Callback):
 
     def _finish(self, parent: RunLogger, interrupted: bool) -> None:
         children = child_runs(parent.client, parent.experiment_id, parent.run_id)
+        winner = ""
         failed = [c for c in children if c.info.status == "FAILED"]
         try:
             from xai_exp.compare import log_comparison_to_parent
 
             uri = self.cfg.tracking.uri if self.cfg is not None else ""
-            table = log_comparison_to_parent(parent, children, self.sweep_dir, uri).table
+            comparison = log_comparison_to_parent(parent, children, self.sweep_dir, uri)
+            findings = comparison.findings()
+            table = comparison.table
             means = table["mean_iou"].dropna()
             if len(means):
                 parent.log_metrics(
@@ -162,6 +175,20 @@ class MlflowSweepCallback(Callback):
                         "best_mean_iou": float(means.max()),
                         "worst_mean_iou": float(means.min()),
                         "n_settings": len(table),
+                    }
+                )
+            found = comparison.verdict
+            if found is not None:
+                winner = f"{found.best.label}: {found.measure} {found.best.value_text()}"
+                parent.log_metrics(
+                    {f"best_mean_{found.metric}": found.best.mean,
+                     f"worst_mean_{found.metric}": found.worst.mean}
+                )  # fmt: skip
+                parent.set_tags(
+                    {
+                        "best_setting": found.best.label,
+                        "worst_setting": found.worst.label,
+                        "mlflow.note.content": sweep_note(len(children), findings),
                     }
                 )
         except Exception as error:  # noqa: BLE001 - closing the parent matters more
@@ -179,6 +206,7 @@ class MlflowSweepCallback(Callback):
         print(
             f"xai-exp: sweep {status.lower()}: {len(children)} runs under parent run "
             f"{parent.run_id}"
+            + (f"\n  best setting   {winner}" if winner else "")
             + (f"\n  report         {report}" if report is not None and report.is_file() else "")
             + (f"\n  sweep folder   {self.sweep_dir}" if self.sweep_dir else ""),
             flush=True,

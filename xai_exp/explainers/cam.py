@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,18 @@ def silenced_progress_bars() -> Iterator[None]:
             tqdm_module.tqdm = original
 
 
+@contextlib.contextmanager
+def _seeded_numpy(input_tensor: torch.Tensor) -> Iterator[None]:
+    """numpy's global generator seeded from the image (RandomCAM draws its channel weights
+    there), so a random map is reproducible and cacheable; the caller's state is restored."""
+    state = np.random.get_state()
+    np.random.seed(zlib.crc32(input_tensor.detach().cpu().numpy().tobytes()))
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def reference_cam(
     classifier: Classifier,
     input_tensor: torch.Tensor,
@@ -94,7 +107,8 @@ def reference_cam(
     kwargs: dict[str, object] = {"batch_size": batch_size} if method == "ablationcam" else {}
     if classifier.reshape is not None:
         kwargs["reshape_transform"] = classifier.reshape  # a transformer's tokens as a map
-    with silenced_progress_bars(), torch.enable_grad():
+    seeded = _seeded_numpy(input_tensor) if method == "randomcam" else contextlib.nullcontext()
+    with silenced_progress_bars(), torch.enable_grad(), seeded:
         cam = cam_class(classifier.model, [classifier.target_layer], **kwargs)
         try:
             if method == "scorecam":
