@@ -28,6 +28,7 @@ from xai_exp.tracking import flatten
 GRAMMAR_DOCS = "https://hydra.cc/docs/advanced/override_grammar/basic"
 # flags that point Hydra at other config groups: the choices of conf/ then do not apply
 CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+SPECIAL = ",'\"[]{}()=$\\"  # characters of Hydra's grammar: a value with one is not a plain path
 
 
 def candidates(args: Sequence[str]) -> list[str]:
@@ -47,8 +48,8 @@ def expand_home(args: Sequence[str]) -> list[str]:
 
 def _expanded(arg: str) -> str:
     key, _, value = arg.partition("=")
-    if not value.startswith("~"):
-        return arg
+    if not value.startswith("~") or any(c in value for c in SPECIAL):
+        return arg  # a sweep, a list, quotes: the user writes Hydra's grammar, not a path
     path = os.path.expanduser(value)
     if path == value:
         return arg
