@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -141,25 +140,6 @@ def test_the_torchvision_import_error_is_one_line():
     assert "torchvision::nms" in line
     assert 'pip install "torchvision==0.' in line
     assert user_message(RuntimeError("CUDA out of memory")) is None
-
-
-def test_torchvision_download_failure_names_the_offline_options(monkeypatch):
-    import torchvision
-
-    from xai_exp.config import ModelConfig
-    from xai_exp.errors import ModelLoadError
-    from xai_exp.models import build_network
-
-    def offline(*_args, **_kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(ModelLoadError) as caught:
-        build_network(ModelConfig(arch="resnet18", weights="IMAGENET1K_V1", target_layer=None))
-    message = str(caught.value)
-    assert "\n" not in message
-    assert "model.weights=null" in message
-    assert "model.checkpoint=PATH" in message
 
 
 def test_the_hub_is_probed_once_and_read_offline_when_unreachable(monkeypatch):
