@@ -134,10 +134,10 @@ def test_slurm_launcher_config_composes():
 
 
 def test_unknown_keys_get_one_line_with_the_closest_valid_key(capsys):
-    from xai_exp.app import main, unknown_override
+    from xai_exp.app import main, override_problem
 
-    assert "did you mean threshold?" in unknown_override(["threshhold=top20"])
-    assert "did you mean lime.seed?" in unknown_override(["-m", "lime.sed=1,2"])
+    assert "did you mean threshold?" in override_problem(["threshhold=top20"])
+    assert "did you mean lime.seed?" in override_problem(["-m", "lime.sed=1,2"])
     valid = [
         "lime.seed=3",
         "lime=slic",
@@ -147,7 +147,7 @@ def test_unknown_keys_get_one_line_with_the_closest_valid_key(capsys):
         "lime.segmentation.params.n_segments=4",
         "experiment=seed_study",
     ]
-    assert unknown_override(valid) is None
+    assert override_problem(valid) is None
     assert main(["threshhold=top20"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("xai-exp: unknown config key 'threshhold'")

@@ -83,8 +83,13 @@ def test_offline_download_failure_names_checkpoint_and_default(monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
     cfg = ModelConfig(arch="resnet18", weights="IMAGENET1K_V1", target_layer="layer4.-1")
-    with pytest.raises(ModelLoadError, match=r"model\.checkpoint=PATH.*model=efficientnet_lite0"):
+    with pytest.raises(
+        ModelLoadError, match=r"model\.checkpoint=PATH.*model=efficientnet_lite0"
+    ) as e:
         load_classifier(cfg, "cpu")
+    assert "model.weights=null" in str(e.value)  # what the README recommends offline
+    assert "network is unreachable" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_fit_to_input_handles_tiny_and_wide_images():

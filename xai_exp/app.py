@@ -7,8 +7,6 @@ as ``xai_exp/conf`` when installed.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,15 +18,17 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xai_exp import signals
+from xai_exp import overrides, signals, startup, versions
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.data import DataError
 from xai_exp.errors import ModelLoadError
 from xai_exp.job import JobContext, NothingComparedError, execute
 from xai_exp.sweep import close_open_sweeps, record_failed_job
-from xai_exp.tracking import TrackingError, flatten
+from xai_exp.tracking import TrackingError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackingError, NothingComparedError)
+# Hydra's flags that only print (help, the composed config): no torch check before them
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion")
 
 
 def config_dir() -> Path:
@@ -69,47 +69,16 @@ def compose_config(overrides: Sequence[str] = ()) -> StudyConfig:
     return to_study_config(cfg)
 
 
-def known_keys() -> set[str]:
-    """Every config group and key an override may name (and their parents)."""
-    groups = {p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra"}
-    keys = set(flatten(dataclasses.asdict(StudyConfig())))
-    parents = {key.rsplit(".", depth)[0] for key in keys for depth in (1, 2) if "." in key}
-    return groups | keys | parents
+def override_problem(args: Sequence[str]) -> str | None:
+    """One line for the first override Hydra would reject (`overrides.problem`), else None."""
+    return overrides.problem(args, config_dir())
 
 
-def unknown_override(args: Sequence[str]) -> str | None:
-    """One line for the first override that names no config group or key, with a suggestion.
-
-    Hydra's own message for a typo (``threshhold=top20``) is several lines and suggests
-    adding the key with ``+``; this names the closest valid key instead.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    candidates = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
-    except HydraException:
-        return None  # Hydra reports its own syntax errors
-    known = known_keys()
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.is_force_add():
-            continue  # the user adds or removes a key on purpose
-        if key in known or key.startswith(("hydra.", "hydra/", "lime.segmentation.params.")):
-            continue
-        if key.startswith("model.kwargs."):  # an open dict, empty in every preset
-            return f"{key} is a timm.create_model argument: add it with +{key}=VALUE"
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"unknown config key {key!r}{hint} (xai-exp run --help lists groups and keys)"
-    return None
-
-
-def job_context() -> JobContext:
-    """Hydra's facts about this job: output dir, run mode, sweep dir, overrides, choices."""
+def job_context(started: float | None = None) -> JobContext:
+    """Hydra's facts about this job: output dir, run mode, sweep dir, overrides, choices;
+    `started` is the job's start (`startup.job_started`)."""
     if not HydraConfig.initialized():
-        return JobContext(output_dir=Path.cwd())
+        return JobContext(output_dir=Path.cwd(), started=started)
     config = HydraConfig.get()
     multirun = config.mode == RunMode.MULTIRUN
     return JobContext(
@@ -122,19 +91,30 @@ def job_context() -> JobContext:
         choices={
             k: str(v) for k, v in config.runtime.choices.items() if not k.startswith("hydra/")
         },
+        started=started,
     )
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one line for an error the user can fix, else None (a bug: its traceback)."""
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    return versions.broken_torchvision(error)
 
 
 def run_job(cfg: DictConfig) -> float:
     """Hydra task: one clear line for user errors, a FAILED run for anything else."""
-    context = job_context()
+    context = job_context(startup.job_started())
     try:
         with signals.interruptible():  # Hydra's own code between jobs is never interrupted
             return execute(to_study_config(cfg), context)
-    except USER_ERRORS as error:
-        message = f"xai-exp: {error}"
+    except Exception as error:
+        problem = user_message(error)
+        if problem is None:
+            raise
+        message = f"xai-exp: {problem}"
         if context.multirun:
-            record_failed_job(context.sweep_dir, context.override_dirname, str(error))
+            record_failed_job(context.sweep_dir, context.override_dirname, problem)
             raise JobError(message) from None
         print(message, file=sys.stderr)
         sys.exit(2)
@@ -148,9 +128,15 @@ def hydra_main(cfg: DictConfig) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run studies with Hydra; `argv` are Hydra's arguments (default: the command line)."""
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    problem = unknown_override(sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in args:  # Hydra's own would name Hydra's version alone
+        print(versions.version_line())
+        return 0
+    args = overrides.expand_home(args)
+    sys.argv = [sys.argv[0], *args]
+    problem = override_problem(args)
+    if problem is None and not any(a.split("=")[0] in INFO_FLAGS for a in args):
+        problem = versions.torch_mismatch()
     if problem is not None:
         print(f"xai-exp: {problem}", file=sys.stderr)
         return 2

@@ -17,11 +17,24 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from xai_exp.versions import version_line
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "xai-exp"
 DEFAULT_OUT = "comparison"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the versions on one line (argparse's own action wraps it), exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(version_line())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xai-exp",
         description="Compare image explanations: a CAM method against LIME, logged to MLflow.",
+    )
+    parser.add_argument(
+        "--version",
+        action=VersionAction,
+        help="print the versions of xai-exp, torch, torchvision, grad-cam, lime, ... and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

@@ -93,6 +93,7 @@ class JobContext:
     job_num: int | None = None
     task_overrides: tuple[str, ...] = ()
     choices: Mapping[str, str] = field(default_factory=dict)
+    started: float | None = None  # time.perf_counter() at the job's start (startup.py)
 
 
 class SkipReporter:
@@ -500,7 +501,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             overlays=OverlayPlan(overlay_cap(cfg.outputs.overlays), len(images)),
             figures=cache,
         )
-        seconds: dict[str, float] = {}
+        seconds: dict[str, float] = {}  # loading: from the job's (process's) start
+        if context.started is not None:
+            seconds["loading"] = time.perf_counter() - context.started
         results = run_study(study, images, writer, cfg.progress, seconds)
         reporter.close()
         if not results:

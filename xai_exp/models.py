@@ -17,6 +17,7 @@ from torch import nn
 from xai_exp.architectures import Family, family_of
 from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
 from xai_exp.errors import ModelLoadError, describe, first_line
+from xai_exp.hub import offline_unless_reachable
 from xai_exp.views import fit_mask_to_input, fit_to_input
 
 BUNDLED_ARCH = "efficientnet_lite0"
@@ -223,9 +224,9 @@ def _torchvision_net(cfg: ModelConfig) -> tuple[nn.Module, list[str], object | N
         net = torchvision.models.get_model(cfg.arch, weights=weights)
     except Exception as error:
         raise ModelLoadError(
-            f"could not get torchvision weights {cfg.arch}.{cfg.weights} ({type(error).__name__}); "
-            "offline? use model.checkpoint=PATH for a local state dict, or the offline default "
-            "model=efficientnet_lite0"
+            f"could not get torchvision weights {cfg.arch}.{cfg.weights} ({describe(error, 120)}); "
+            "offline? use model.weights=null (random init), model.checkpoint=PATH (a local state "
+            "dict) or the offline default model=efficientnet_lite0"
         ) from error
     return net, list(weights.meta.get("categories") or imagenet_labels()), weights
 
@@ -326,8 +327,10 @@ def _timm_net(cfg: ModelConfig) -> Network:
         )
     pretrained = cfg.weights == "pretrained" and not cfg.checkpoint
     options = dict(cfg.kwargs)
+    hub = offline_unless_reachable() if pretrained else contextlib.nullcontext()
+    unreachable: str | None = None  # the hub's host:port when a probe found it unreachable
     try:
-        with torch.random.fork_rng():
+        with hub as unreachable, torch.random.fork_rng():
             torch.manual_seed(0)  # random init is reproducible, so its cache identity is stable
             if cfg.input_size is not None and "img_size" not in options:
                 try:  # transformers are built for their input size; CNNs take any
@@ -343,8 +346,13 @@ def _timm_net(cfg: ModelConfig) -> Network:
     except Exception as error:
         if not pretrained:
             raise
+        reason = (
+            f"the hub at {unreachable} cannot be reached and they are not in the local cache"
+            if unreachable
+            else describe(error)
+        )
         raise ModelLoadError(
-            f"could not get timm's pretrained weights for {cfg.arch} ({describe(error)}); "
+            f"could not get timm's pretrained weights for {cfg.arch} ({reason}); "
             "offline? use model.weights=null (random init) or model.checkpoint=PATH"
         ) from error
     classes = int(getattr(net, "num_classes", 1000) or 1000)
