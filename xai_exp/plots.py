@@ -130,7 +130,7 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
     axes = figure.subplots(1, 4)
     axes[0].imshow(image)
     title = f"predicted: {result.predicted_label} ({result.probability:.0%})"
-    title += RANDOM_MARK if random_weights else ""
+    title += "\nmodel: random weights" if random_weights else ""
     if result.true_label:
         verdict = (
             ""

@@ -77,12 +77,13 @@ def gallery_size(settings: int) -> int:
 
 def gallery_rows(images: pd.DataFrame, size: int = GALLERY_SIZE) -> list[tuple[str, pd.Series]]:
     """The `size` highest- and lowest-IoU images of one setting's rows; an image among the
-    best is never among the worst (nor twice in one list)."""
+    best is never among the worst (nor twice in one list), and with fewer than twice `size`
+    images the best take the upper half."""
     scored = images.dropna(subset=["iou"])
     keys = ["iou", "run_name", "image"]
     ranked = scored.sort_values(keys, ascending=[False, True, True], kind="mergesort")
     ranked = ranked.drop_duplicates(subset=["image"], keep="first")
-    best = ranked.head(size)
+    best = ranked.head(min(size, (len(ranked) + 1) // 2))
     rest = ranked[~ranked["image"].isin(set(best["image"]))]
     worst = rest.sort_values(keys, ascending=[True, True, True], kind="mergesort").head(size)
     return [("best", row) for _, row in best.iterrows()] + [
