@@ -254,6 +254,7 @@ def test_best_and_worst_are_picked_per_setting_and_never_overlap():
     first = gallery_rows(rows[rows["run_id"] == "r1"], size=2)
     best = [row["image"] for kind, row in first if kind == "best"]
     worst = [row["image"] for kind, row in first if kind == "worst"]
-    assert best == ["a", "b"] and worst == ["c"]  # a is in one list only, once
+    assert best == ["a", "b"]
+    assert worst == ["c"]  # a is in one list only, once
     second = gallery_rows(rows[rows["run_id"] == "r2"], size=3)
     assert [(kind, row["image"]) for kind, row in second] == [("best", "b"), ("worst", "a")]
