@@ -250,12 +250,15 @@ def comparison_title(frame: pd.DataFrame, most: int = 6) -> str:
     methods = " vs ".join(str(m) for m in values("method")) or "CAM"
     varying = [k for k in shown_settings(frame) if k != "method" and _distinct(frame[k]) > 1]
     parts = []
-    for key in varying or ["cam_top_fraction"]:
+    for key in (varying or ["cam_top_fraction"])[:3]:
         shown = [text(key, v) for v in values(key)]
         if len(shown) > most:
             shown = [*shown[: most - 1], "…", shown[-1]]
         if shown:
             parts.append(f"{names.get(key, key)} {' vs '.join(shown)}")
+    if len(varying) > 3:
+        more = len(varying) - 3
+        parts.append(f"{more} more setting{'s' if more > 1 else ''}")
     shared = []
     if "data.dir" not in varying and "data.source" not in varying:
         folders = [str(v) for v in values("data.dir") if v != "null"]

@@ -103,8 +103,7 @@ def _shorten(text: str, limit: int = 90) -> str:
 def _figure(item: GalleryItem) -> str:
     iou = "n/a" if item.iou is None or math.isnan(item.iou) else f"{item.iou:.3f}"
     caption = (
-        f"<b>{html.escape(item.image)}</b> IoU {iou}<br>"
-        f"{html.escape(item.settings)}<br>"
+        f"<b>{html.escape(item.image)}</b> IoU {iou}<br>"  # the setting is the section's title
         f"run {html.escape(_shorten(item.run_name))} ({html.escape(item.run_id[:8])})"
     )
     if item.url:
