@@ -575,7 +575,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             )
         log.info(
             "%s vs LIME: mean IoU %s over %d compared of %d images, median %.3f "
-            "(%d computed, %d reused)",
+            "(%d computed, %d reused)%s",
             cfg.method.name,
             mean_with_interval(summary),
             summary["n_compared"],
@@ -583,6 +583,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             summary["median_iou"],
             study.computed,
             study.reused,
+            "; the model has random weights" if random_weights(cfg.model) else "",
         )
         view = share_table_view(run.client, run.experiment_id) if run is not None else None
         print(where_to_look(cfg, out_dir, run, summary, view), flush=True)
