@@ -41,7 +41,7 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
     assert done.returncode == 0, done.stderr
     client, [run] = runs(tmp_path)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("gradcam-top10%-lime30-resnet18-bundled@")
+    assert run.info.run_name.startswith("bundled/resnet18-random-init/gradcam-top10%-lime30@")
     assert "output folder" in done.stdout  # where to look, printed at the end
     assert run.info.run_id in done.stdout
     assert "Mean IoU **" in run.data.tags["mlflow.note.content"]

@@ -202,7 +202,8 @@ def test_format_table_is_fixed_width(tracking_store, make_study_run):
 
 def test_report_is_self_contained_with_best_and_worst_overlays(tracking_store, make_study_run):
     store = tracking_store
-    images = [FakeImage(f"img{i}", iou) for i, iou in enumerate([0.05, 0.9, 0.5, 0.3, 0.95])]
+    ious = [0.05, 0.9, 0.5, 0.3, 0.95, 0.6, 0.4]
+    images = [FakeImage(f"img{i}", iou) for i, iou in enumerate(ious)]
     images.append(FakeImage("photo <b>.jpg", 0.01, stem="photo__b_"))
     first = make_study_run(store.client, store.experiment_id, images, run_name="run <one>")
     second = make_study_run(
@@ -227,7 +228,10 @@ def test_report_is_self_contained_with_best_and_worst_overlays(tracking_store, m
     assert all(s.startswith("data:image/png;base64,") for s in sources), sources
     links = re.findall(r"""\shref\s*=\s*["']?([^"' >]+)""", page, flags=re.IGNORECASE)
     assert links  # each gallery image links to its run in the MLflow UI, nothing else is loaded
-    assert all(re.match(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+$", u) for u in links)
+    run_link = (
+        r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/\w+\?workflowType=machine_learning$"
+    )
+    assert all(re.match(run_link, u) for u in links)
     assert "<script" not in page.lower()
     assert "<link" not in page.lower()
     # escaped, never raw HTML from run or image names
@@ -235,17 +239,19 @@ def test_report_is_self_contained_with_best_and_worst_overlays(tracking_store, m
     assert "run &lt;one&gt;" in page
     assert "photo &lt;b&gt;.jpg" in page
 
-    # best three: 0.95 img4, 0.9 img1, 0.7 img0 (run-two); worst three: 0.01, 0.02, 0.05
-    best = [(first, "img4"), (first, "img1"), (second, "img0")]
-    worst = [(first, "photo__b_"), (second, "img9"), (first, "img0")]
-    best_at = [page.index(_b64(run.overlays[stem])) for run, stem in best]
-    worst_at = [page.index(_b64(run.overlays[stem])) for run, stem in worst]
-    assert best_at == sorted(best_at)
-    assert worst_at == sorted(worst_at)
-    assert max(best_at) < min(worst_at)
-    for run, stem in [(first, "img2"), (first, "img3")]:  # the middle is left out
+    # per setting, best then worst: top 0.1 (the first run): 0.95 img4, 0.9 img1, 0.6 img5,
+    # then 0.01, 0.05 img0, 0.3 img3; top 0.3 (run-two, two images): img0, then img9
+    shown = [
+        *[(first, stem) for stem in ("img4", "img1", "img5", "photo__b_", "img0", "img3")],
+        (second, "img0"),
+        (second, "img9"),
+    ]
+    at = [page.index(_b64(run.overlays[stem])) for run, stem in shown]
+    assert at == sorted(at)
+    for run, stem in [(first, "img2"), (first, "img6")]:  # the middle is left out
         assert _b64(run.overlays[stem]) not in page
-    assert page.count("<figure>") == 6
+    assert page.count("<figure>") == 8
+    assert page.count('<section class="setting">') == 2
     assert "IoU 0.950" in page
     assert "run-two" in page
 

@@ -38,10 +38,10 @@ def test_threshold_sweep_is_one_parent_with_named_children_and_no_recompute(tmp_
     _, [parent], children = parents_and_children(tmp_path)
     assert parent.info.status == "FINISHED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted(c.info.run_name for c in children) == [
-        "threshold=top10",
-        "threshold=top20",
-        "threshold=top5",
+    assert sorted(c.info.run_name for c in children) == [  # the tiny model is random init
+        "threshold=top10/random-init",
+        "threshold=top20/random-init",
+        "threshold=top5/random-init",
     ]
     for child in children:
         assert child.info.status == "FINISHED"
@@ -56,6 +56,11 @@ def test_threshold_sweep_is_one_parent_with_named_children_and_no_recompute(tmp_
     assert parent.data.params["swept.threshold"] == "top5,top10,top20"
     assert parent.data.metrics["best_mean_iou"] == pytest.approx(max(ious))
     assert parent.data.metrics["n_children"] == 3
+    # the end block names the parent's page; the report's title what was compared
+    assert f"/runs/{parent.info.run_id}?workflowType=machine_learning" in done.stdout
+    report = Path(parent.data.tags["sweep_dir"]) / "comparison" / "report.html"
+    title = "gradcam vs LIME: CAM top 5% vs 10% vs 20% on bundled, resnet18 (random weights)"
+    assert f"<h1>{title}</h1>" in report.read_text(encoding="utf-8")
 
     rerun = sweep(tmp_path, "threshold=top5,top10,top20")
     assert rerun.returncode == 0, rerun.stderr
@@ -78,7 +83,7 @@ def test_failing_job_fails_the_parent_but_keeps_the_others(tmp_path):
     assert "model.target_layer=layer9" in parent.data.tags["failed_jobs"]
     assert "does not exist" in parent.data.tags["failed_jobs"]
     [good] = children
-    assert good.info.run_name == "model.target_layer=layer4.-1"
+    assert good.info.run_name == "model.target_layer=layer4.-1/random-init"
     assert good.info.status == "FINISHED"
     assert 0 <= good.data.metrics["mean_iou"] <= 1
 
@@ -90,7 +95,8 @@ def test_joblib_launcher_runs_jobs_in_parallel_against_sqlite(tmp_path):
     assert done.returncode == 0, done.stderr
     _, [parent], children = parents_and_children(tmp_path)
     assert parent.info.status == "FINISHED"
-    assert sorted(c.info.run_name for c in children) == ["method=gradcam", "method=hirescam"]
+    names = sorted(c.info.run_name for c in children)
+    assert names == ["method=gradcam/random-init", "method=hirescam/random-init"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all("mean_iou" in c.data.metrics for c in children)
 

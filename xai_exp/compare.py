@@ -42,7 +42,7 @@ from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
 from xai_exp.method_agreement import MATRIX_COLUMNS, MapSource, agreement_matrix
 from xai_exp.outputs import KEYS_CSV
-from xai_exp.report import GalleryItem, gallery_rows, render_html, settings_text
+from xai_exp.report import GalleryItem, gallery_rows, gallery_size, render_html, settings_text
 from xai_exp.results import METRICS, MetricSpec, Stat, Status, interval_names
 from xai_exp.statistics import (
     MIN_INTERVAL_IMAGES,
@@ -255,6 +255,46 @@ def shown_settings(frame: pd.DataFrame) -> list[str]:
 
 def _distinct(series: pd.Series) -> int:
     return len({"<missing>" if pd.isna(v) else repr(v) for v in series})
+
+
+def comparison_title(frame: pd.DataFrame, most: int = 6) -> str:
+    """What was compared, for the report's title, from the runs' `settings_frame`:
+    ``gradcam vs LIME: CAM top 5% vs 10% vs 20% on bundled, efficientnet_lite0``."""
+    if frame.empty:
+        return "xai-exp comparison: no runs"
+    names = {"cam_top_fraction": "CAM top", "lime_samples": "LIME samples", "lime_mode": "LIME"}
+
+    def values(key: str) -> list[Any]:
+        found = {repr(v): v for v in frame[key] if not pd.isna(v)} if key in frame else {}
+        return sorted(found.values(), key=_sort_key)
+
+    def text(key: str, value: Any) -> str:
+        if key == "cam_top_fraction":
+            return f"{value * 100:g}%"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    methods = " vs ".join(str(m) for m in values("method")) or "CAM"
+    varying = [k for k in shown_settings(frame) if k != "method" and _distinct(frame[k]) > 1]
+    parts = []
+    for key in (varying or ["cam_top_fraction"])[:3]:
+        shown = [text(key, v) for v in values(key)]
+        if len(shown) > most:
+            shown = [*shown[: most - 1], "…", shown[-1]]
+        if shown:
+            parts.append(f"{names.get(key, key)} {' vs '.join(shown)}")
+    if len(varying) > 3:
+        more = len(varying) - 3
+        parts.append(f"{more} more setting{'s' if more > 1 else ''}")
+    shared = []
+    if "data.dir" not in varying and "data.source" not in varying:
+        folders = [str(v) for v in values("data.dir") if v != "null"]
+        shared.append(Path(folders[0]).name if len(folders) == 1 else "bundled")
+    if "model.arch" not in varying and len(archs := values("model.arch")) == 1:
+        weights = values("model.weights")
+        random = weights == ["null"] and values("model.checkpoint") in ([], ["null"])
+        shared.append(f"{archs[0]}{' (random weights)' if random else ''}")
+    where = f" on {', '.join(shared)}" if shared else ""
+    return f"{methods} vs LIME" + (": " + "; ".join(parts) if parts else "") + where
 
 
 def _sort_key(value: Any) -> tuple:
@@ -807,9 +847,8 @@ def write_outputs(
     figure = plots.iou_vs_threshold(comparison.table, comparison.settings)
     plot_path = plots.save_figure(figure, out_dir / PLOT_NAME)
     overlays = _Overlays(client, workdir)
-    finished_rows = comparison.images["run_status"] == "FINISHED"
-    shown = comparison.frame.set_index("run_id")[comparison.settings]
     experiments = {run.info.run_id: run.info.experiment_id for run in comparison.runs}
+    groups = setting_groups(comparison)  # the best and worst images of each setting
     gallery = [
         GalleryItem(
             kind=kind,
@@ -817,13 +856,14 @@ def write_outputs(
             run_name=row["run_name"],
             image=str(row["image"]),
             iou=float(row["iou"]),
-            settings=settings_text(shown.loc[row["run_id"]].to_dict()),
+            settings=settings_text(setting),
             png=overlays.png(row),
             url=run_url(tracking_uri, experiments[row["run_id"]], row["run_id"])
             if tracking_uri
             else None,
         )
-        for kind, row in gallery_rows(comparison.images[finished_rows])
+        for setting, rows in groups
+        for kind, row in gallery_rows(rows, gallery_size(len(groups)))
     ]
     grid = iou_grid(comparison)
     grid_path = out_dir / GRID_NAME
@@ -917,8 +957,8 @@ def compare(
     runs = study_runs(client, experiment_ids, parent.info.run_id if parent else None)
     if not runs:
         raise CompareError(f"no study runs to compare in {scope} at {redact_uri(tracking_uri)}")
-    title = f"xai-exp comparison: {scope}"
-    meta = [f"tracking URI: {redact_uri(tracking_uri)}"]
+    title = comparison_title(settings_frame(runs))
+    meta = [scope, f"tracking URI: {redact_uri(tracking_uri)}"]
     comparison = build_comparison(client, runs, Path(out_dir), title, meta, tracking_uri)
     if parent is not None:
         log_files(client, parent.info.run_id, comparison.files)
@@ -934,8 +974,8 @@ def log_comparison_to_parent(
     a temporary folder when there is no sweep dir.
     """
     client = parent.client
-    title = f"xai-exp comparison: sweep run {parent.run_id}"
-    meta = [f"sweep dir: {sweep_dir}"] if sweep_dir else []
+    title = comparison_title(settings_frame(children))
+    meta = [f"sweep run {parent.run_id}", *([f"sweep dir: {sweep_dir}"] if sweep_dir else [])]
     if sweep_dir is not None:
         out_dir = Path(sweep_dir) / ARTIFACT_DIR
         comparison = build_comparison(client, children, out_dir, title, meta, tracking_uri)

@@ -202,6 +202,14 @@ def lime_seeds(lime: LimeConfig) -> list[int]:
     return list(lime.seeds) if lime.seeds else [lime.seed + i for i in range(lime.repeats)]
 
 
+def random_weights(model: ModelConfig) -> bool:
+    """True when the model keeps its random init: ``weights=null`` and no checkpoint.
+
+    Its predictions and maps say nothing about a trained classifier.
+    """
+    return model.weights is None and not model.checkpoint
+
+
 MAX_INPUT_SIZE = 2048
 MAX_LIME_SAMPLES = 100_000  # lime holds every sample's superpixel mask in memory at once
 OVERLAY_MODES = ("all", "none", "extremes")

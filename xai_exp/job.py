@@ -30,6 +30,7 @@ from xai_exp.config import (
     ignored_overrides,
     lime_seeds,
     overlay_cap,
+    random_weights,
     validate,
 )
 from xai_exp.data import (
@@ -73,6 +74,8 @@ from xai_exp.tracking import (
     mark_lost_runs,
     redact_uri,
     run_url,
+    runs_table_url,
+    share_table_view,
     terminal_status,
 )
 
@@ -161,11 +164,31 @@ def git_commit() -> str | None:
 # --------------------------------------------------------------------------- naming and tags
 
 
-def describe_setting(cfg: StudyConfig) -> str:
-    """The setting in a few words: method, threshold, LIME, and what differs from defaults.
+RANDOM_INIT = "random-init"  # marks a model with random weights in names and titles
+RANDOM_NOTE = (
+    "the model has random weights: its predictions and maps say nothing about a trained classifier"
+)
 
-    ``gradcam-top10%-lime1000-efficientnet_lite0-bundled``; a non-default LIME mode,
-    segmentation, seed, target class or precision is added.
+
+def data_name(cfg: StudyConfig) -> str:
+    """The data in a word: the folder's name or ``bundled``, and the shard when sharded."""
+    data = cfg.data
+    name = Path(data.dir).name if data.source == "folder" and data.dir else "bundled"
+    return f"{name}-shard{data.shard}of{data.num_shards}" if data.num_shards > 1 else name
+
+
+def model_name(cfg: StudyConfig) -> str:
+    """The architecture, with ``-random-init`` when its weights are random."""
+    suffix = f"-{RANDOM_INIT}" if random_weights(cfg.model) else ""
+    return f"{cfg.model.arch}{suffix}"
+
+
+def describe_setting(cfg: StudyConfig) -> str:
+    """Data, model and setting, what tells runs apart first, before MLflow cuts the name.
+
+    ``bundled/efficientnet_lite0/gradcam-top10%-lime1000``; a random-init model is marked
+    (``resnet18-random-init``) and a non-default LIME mode, segmentation, seed, target class
+    or precision is added to the setting.
     """
     lime, default = cfg.lime, StudyConfig().lime
     parts = [
@@ -186,18 +209,19 @@ def describe_setting(cfg: StudyConfig) -> str:
         parts.append(f"class{str(cfg.method.target_class).lower()}")
     if cfg.precision != "fp32":
         parts.append(cfg.precision)
-    parts.append(cfg.model.arch)
-    parts.append(
-        Path(cfg.data.dir).name if cfg.data.source == "folder" and cfg.data.dir else "bundled"
-    )
-    if cfg.data.num_shards > 1:
-        parts.append(f"shard{cfg.data.shard}of{cfg.data.num_shards}")
-    return "-".join(parts)
+    return f"{data_name(cfg)}/{model_name(cfg)}/{'-'.join(parts)}"
+
+
+def _leading(override: str) -> int:
+    """Sort key: data and model overrides first (they tell a sweep's runs apart most)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return 0 if key.split(".")[0] in ("data", "model") else 1
 
 
 def run_name(cfg: StudyConfig, context: JobContext) -> str:
-    """tracking.run_name; in a sweep the swept overrides (`method=gradcam,threshold=top5`);
-    otherwise the setting (`describe_setting`) and the run's start time, so names are unique.
+    """tracking.run_name; in a sweep the swept overrides, data and model ones first
+    (`model.arch=resnet18,method=gradcam`); otherwise the setting (`describe_setting`) and
+    the run's start time, so names are unique. A random-init model is marked in both.
     """
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
@@ -205,10 +229,11 @@ def run_name(cfg: StudyConfig, context: JobContext) -> str:
         marker = read_parent_marker(context.sweep_dir)
         swept = set(marker.get("swept_keys", [])) if marker else set()
         named = [o for o in context.task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+        mark = f"/{RANDOM_INIT}" if random_weights(cfg.model) else ""
         if named:
-            return ",".join(named)
+            return ",".join(sorted(named, key=_leading)) + mark
         if context.override_dirname:
-            return context.override_dirname
+            return context.override_dirname + mark
     return f"{describe_setting(cfg)}@{Path(context.output_dir).name}"
 
 
@@ -335,7 +360,10 @@ def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) 
         f"{int(summary.get('n_compared', 0))} of "
         f"{int(summary.get('n_images', 0))} images "
         f"({int(summary.get('n_flagged', 0))} flagged, {int(summary.get('n_failed', 0))} failed)."
-        "\n\nArtifacts: " + ", ".join(f"`{path.name}`" for path in files) + ", `overlays/`."
+        + (f"\n\n**Random weights**: {RANDOM_NOTE}." if random_weights(cfg.model) else "")
+        + "\n\nArtifacts: "
+        + ", ".join(f"`{path.name}`" for path in files)
+        + ", `overlays/`."
     )
 
 
@@ -375,18 +403,34 @@ def log_partial(run: RunLogger, writer: ResultsWriter | None, error: BaseExcepti
         log.warning("could not log partial results: %s", describe(upload_error))
 
 
-def where_to_look(cfg: StudyConfig, out_dir: Path, run: RunLogger | None) -> str:
-    """The block printed at the end of a run: output folder, MLflow run, how to open it."""
-    lines = [f"  output folder  {out_dir}"]
+def where_to_look(
+    cfg: StudyConfig,
+    out_dir: Path,
+    run: RunLogger | None,
+    summary: Mapping[str, float] | None = None,
+    view_key: str | None = None,
+) -> str:
+    """The block printed at the end of a run: the result, output folder, MLflow run and links.
+
+    Top-1 accuracy when the data had labels; a random-init model is said so.
+    """
+    summary = summary or {}
+    lines = []
+    if "mean_iou" in summary:
+        lines.append(f"  mean IoU       {mean_with_interval(summary)}")
+    if not math.isnan(summary.get("top1_accuracy", math.nan)):
+        lines.append(f"  top-1 accuracy {mean_with_interval(summary, 'top1_accuracy')}")
+    if random_weights(cfg.model):
+        lines.append(f"  random weights {RANDOM_NOTE}")
+    lines.append(f"  output folder  {out_dir}")
     if run is not None:
         lines.append(
             f"  MLflow run     {run.name} ({run.run_id}) in experiment {cfg.tracking.experiment!r}"
         )
         if not is_server(cfg.tracking.uri):
             lines.append(f"  browse with    mlflow ui --backend-store-uri {cfg.tracking.uri}")
-        url = run_url(cfg.tracking.uri, run.experiment_id, run.run_id)
-        lines.append(f"  open           {url}")
-        table = url.split("/runs/")[0] + "?workflowType=machine_learning"
+        lines.append(f"  open           {run_url(cfg.tracking.uri, run.experiment_id, run.run_id)}")
+        table = runs_table_url(cfg.tracking.uri, run.experiment_id, view_key)
         lines.append(f"  runs table     {table}")
     return "xai-exp: run finished\n" + "\n".join(lines)
 
@@ -467,6 +511,8 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     key = facts_key(cfg) if cache.enabled else None
     model = check_config(cfg, cache, key)
+    if random_weights(cfg.model):
+        log.warning("model.weights=null and no checkpoint: %s", RANDOM_NOTE)
     images = open_images(cfg.data)  # listed, not read: listing problems refuse the run
     annotations = Annotations.open(cfg.data.masks_dir, cfg.data.boxes)
     if annotations is not None:
@@ -500,6 +546,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             plots=cfg.plots,
             overlays=OverlayPlan(overlay_cap(cfg.outputs.overlays), len(images)),
             figures=cache,
+            random_weights=random_weights(cfg.model),
         )
         seconds: dict[str, float] = {}  # loading: from the job's (process's) start
         if context.started is not None:
@@ -532,7 +579,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             )
         log.info(
             "%s vs LIME: mean IoU %s over %d compared of %d images, median %.3f "
-            "(%d computed, %d reused)",
+            "(%d computed, %d reused)%s",
             cfg.method.name,
             mean_with_interval(summary),
             summary["n_compared"],
@@ -540,6 +587,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             summary["median_iou"],
             study.computed,
             study.reused,
+            "; the model has random weights" if random_weights(cfg.model) else "",
         )
         log.info(
             "agreement above chance %s (chance level %.3f, ceiling %.3f: "
@@ -551,7 +599,8 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         small = interval_warning(int(summary["n_compared"]))
         if small:
             log.warning("%s", small)
-        print(where_to_look(cfg, out_dir, run), flush=True)
+        view = share_table_view(run.client, run.experiment_id) if run is not None else None
+        print(where_to_look(cfg, out_dir, run, summary, view), flush=True)
         return summary["mean_iou"]
     except BaseException as caught:
         error = caught

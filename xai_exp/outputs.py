@@ -109,10 +109,12 @@ class ResultsWriter:
         plots: PlotsConfig | None = None,
         overlays: OverlayPlan | None = None,
         figures: ExplanationCache | None = None,
+        random_weights: bool = False,
     ) -> None:
         self.out_dir = out_dir
         self.figures = figures  # rendered overlays by fingerprint: a rerun copies, not draws
         self.method = method
+        self.random_weights = random_weights  # a random-init model: its figures say so
         self.on_image = on_image
         self.setting = setting or f"{method} vs LIME"
         self.plots = plots or PlotsConfig()
@@ -151,13 +153,16 @@ class ResultsWriter:
         path = self.figure_path(f"{OVERLAYS}/{result.artifact_stem}")
         key = None
         if self.figures is not None and self.figures.enabled:
-            key = plots.overlay_fingerprint(result, self.method, self.plots.dpi, path.suffix)
+            key = plots.overlay_fingerprint(
+                result, self.method, self.plots.dpi, path.suffix, self.random_weights
+            )
             entry = self.figures.load(FIGURE_KIND, key)
             if entry is not None and "drawing" in entry.arrays:
                 with atomic_path(path, suffix=path.suffix) as temp:
                     temp.write_bytes(entry.arrays["drawing"].tobytes())
                 return path
-        plots.save_figure(plots.overlay_figure(result, self.method), path, self.plots.dpi)
+        figure = plots.overlay_figure(result, self.method, self.random_weights)
+        plots.save_figure(figure, path, self.plots.dpi)
         if key is not None and self.figures is not None:
             drawn = np.frombuffer(path.read_bytes(), dtype=np.uint8)
             self.figures.store(FIGURE_KIND, key, {"drawing": drawn}, {"kind": FIGURE_KIND})
@@ -203,7 +208,7 @@ def write_run_files(
     """
     out_dir, method, dpi = writer.out_dir, writer.method, writer.plots.dpi
     files = [writer.csv_path, writer.keys_path]
-    chart = plots.iou_bar_chart(writer.results, writer.setting)
+    chart = plots.iou_bar_chart(writer.results, writer.setting, writer.random_weights)
     files.append(plots.save_figure(chart, writer.figure_path("iou_bar_chart"), dpi))
     if writer.curves:
         labels = {"cam": method, "lime": "LIME"}

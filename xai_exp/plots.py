@@ -51,11 +51,14 @@ def plain_text(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _title(result: ImageResult, method: str) -> str:
+RANDOM_MARK = " (random weights)"  # in the titles of a random-init model's figures
+
+
+def _title(result: ImageResult, method: str, random_weights: bool = False) -> str:
     score = "IoU n/a" if result.iou is None else f"IoU {result.iou:.3f}"
     head = f"{result.name}: {result.predicted_label} ({result.probability:.0%})  {method} vs LIME"
     tail = f"  {score}" + (f"  [{result.reason}]" if result.reason else "")
-    return plain_text(head + tail)
+    return plain_text(head + tail + (RANDOM_MARK if random_weights else ""))
 
 
 def agreement_image(image: np.ndarray, cam_mask: np.ndarray, lime_mask: np.ndarray) -> np.ndarray:
@@ -90,7 +93,9 @@ def _plotting_code() -> bytes:
     return Path(__file__).read_bytes()
 
 
-def overlay_fingerprint(result: ImageResult, method: str, dpi: int, suffix: str) -> str:
+def overlay_fingerprint(
+    result: ImageResult, method: str, dpi: int, suffix: str, random_weights: bool = False
+) -> str:
     """What `overlay_figure` draws from, with this module's code and matplotlib's version:
     one fingerprint, one file (a rerun copies the file instead of drawing it again)."""
     import hashlib
@@ -99,7 +104,8 @@ def overlay_fingerprint(result: ImageResult, method: str, dpi: int, suffix: str)
 
     digest = hashlib.sha256(_plotting_code())
     fields = {name: getattr(result, name) for name in OVERLAY_FIELDS}
-    digest.update(repr((fields, method, dpi, suffix, matplotlib.__version__)).encode())
+    drawn = (fields, method, dpi, suffix, random_weights, matplotlib.__version__)
+    digest.update(repr(drawn).encode())
     for name in OVERLAY_ARRAYS:
         array = result.arrays.get(name)
         digest.update(f"|{name}|".encode())
@@ -110,8 +116,11 @@ def overlay_fingerprint(result: ImageResult, method: str, dpi: int, suffix: str)
     return digest.hexdigest()
 
 
-def overlay_figure(result: ImageResult, method: str) -> Figure:
-    """Image, CAM map, LIME weights (each with a colorbar) and where the two masks agree."""
+def overlay_figure(result: ImageResult, method: str, random_weights: bool = False) -> Figure:
+    """Image, CAM map, LIME weights (each with a colorbar) and where the two masks agree.
+
+    A random-init model's figure says so next to its prediction and in the title.
+    """
     from matplotlib.patches import Patch
     from skimage.segmentation import mark_boundaries
 
@@ -121,6 +130,7 @@ def overlay_figure(result: ImageResult, method: str) -> Figure:
     axes = figure.subplots(1, 4)
     axes[0].imshow(image)
     title = f"predicted: {result.predicted_label} ({result.probability:.0%})"
+    title += "\nmodel: random weights" if random_weights else ""
     if result.true_label:
         verdict = (
             ""
@@ -162,14 +172,16 @@ def overlay_figure(result: ImageResult, method: str) -> Figure:
         axes[3].set_title(f"CAM mask vs LIME mask: IoU {iou}")
     for axis in axes:
         axis.axis("off")
-    figure.suptitle(_title(result, method), fontsize=11)
+    figure.suptitle(_title(result, method, random_weights), fontsize=11)
     return figure
 
 
 BAR_CHART_MAX = 40  # more images than this: a sorted IoU profile without per-image labels
 
 
-def iou_bar_chart(results: Sequence[ImageResult], setting: str) -> Figure:
+def iou_bar_chart(
+    results: Sequence[ImageResult], setting: str, random_weights: bool = False
+) -> Figure:
     """IoU per image, highest first, with the mean as a line; flagged or failed images last.
 
     Past `BAR_CHART_MAX` images the bars become a sorted profile (x: image rank) whose names
@@ -207,7 +219,8 @@ def iou_bar_chart(results: Sequence[ImageResult], setting: str) -> Figure:
         axis.legend(loc="upper right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("IoU (CAM mask vs LIME mask)")
-    axis.set_title(plain_text(f"IoU per image: {setting}"), fontsize=10)
+    mark = RANDOM_MARK if random_weights else ""
+    axis.set_title(plain_text(f"IoU per image: {setting}{mark}"), fontsize=10)
     return figure
 
 

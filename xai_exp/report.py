@@ -21,6 +21,7 @@ import pandas as pd
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+h3 { font-size: 1.05em; } h4 { font-size: 0.95em; }
 .meta { color: #555; font-size: 0.9em; }
 .table-wrap { overflow: auto; max-height: 70vh; border: 1px solid #ddd; }
 table.comparison { border-collapse: collapse; font-size: 0.9em; }
@@ -65,12 +66,25 @@ def settings_text(settings: Mapping[str, Any]) -> str:
     )
 
 
+GALLERY_FIGURES = 12  # best (and as many worst) overlays per report, spread over settings
+
+
+def gallery_size(settings: int) -> int:
+    """Best (and worst) images per setting: `GALLERY_SIZE`, fewer when many settings share
+    the report's `GALLERY_FIGURES`, never less than one."""
+    return max(1, min(GALLERY_SIZE, GALLERY_FIGURES // max(settings, 1)))
+
+
 def gallery_rows(images: pd.DataFrame, size: int = GALLERY_SIZE) -> list[tuple[str, pd.Series]]:
-    """The `size` highest- and lowest-IoU images over all runs (never the same row twice)."""
+    """The `size` highest- and lowest-IoU images of one setting's rows; an image among the
+    best is never among the worst (nor twice in one list), and with fewer than twice `size`
+    images the best take the upper half."""
     scored = images.dropna(subset=["iou"])
     keys = ["iou", "run_name", "image"]
-    best = scored.sort_values(keys, ascending=[False, True, True], kind="mergesort").head(size)
-    rest = scored.drop(index=best.index)
+    ranked = scored.sort_values(keys, ascending=[False, True, True], kind="mergesort")
+    ranked = ranked.drop_duplicates(subset=["image"], keep="first")
+    best = ranked.head(min(size, (len(ranked) + 1) // 2))
+    rest = ranked[~ranked["image"].isin(set(best["image"]))]
     worst = rest.sort_values(keys, ascending=[True, True, True], kind="mergesort").head(size)
     return [("best", row) for _, row in best.iterrows()] + [
         ("worst", row) for _, row in worst.iterrows()
@@ -89,8 +103,7 @@ def _shorten(text: str, limit: int = 90) -> str:
 def _figure(item: GalleryItem) -> str:
     iou = "n/a" if item.iou is None or math.isnan(item.iou) else f"{item.iou:.3f}"
     caption = (
-        f"<b>{html.escape(item.image)}</b> IoU {iou}<br>"
-        f"{html.escape(item.settings)}<br>"
+        f"<b>{html.escape(item.image)}</b> IoU {iou}<br>"  # the setting is the section's title
         f"run {html.escape(_shorten(item.run_name))} ({html.escape(item.run_id[:8])})"
     )
     if item.url:
@@ -107,9 +120,32 @@ def _figure(item: GalleryItem) -> str:
 
 def _gallery(title: str, items: Sequence[GalleryItem]) -> str:
     if not items:
-        return f"<h2>{html.escape(title)}</h2><p>No image with an IoU.</p>"
+        return f"<h4>{html.escape(title)}</h4><p>No image with an IoU.</p>"
     figures = "\n".join(_figure(item) for item in items)
-    return f'<h2>{html.escape(title)}</h2>\n<div class="gallery">\n{figures}\n</div>'
+    return f'<h4>{html.escape(title)}</h4>\n<div class="gallery">\n{figures}\n</div>'
+
+
+def _galleries(gallery: Sequence[GalleryItem]) -> str:
+    """The best and worst agreeing images, under a heading per setting."""
+    if not gallery:
+        return "<h2>Best and worst agreeing images</h2><p>No image with an IoU.</p>"
+    settings = list(dict.fromkeys(item.settings for item in gallery))
+    parts = [
+        "<h2>Best and worst agreeing images, per setting</h2>",
+        '<p class="meta">Each setting\'s highest- and lowest-IoU images (per image its latest '
+        "finished run); an image is never in both lists of one setting.</p>",
+    ]
+    for setting in settings:
+        items = [item for item in gallery if item.settings == setting]
+        best = [item for item in items if item.kind == "best"]
+        worst = [item for item in items if item.kind == "worst"]
+        parts += [
+            f'<section class="setting"><h3>{html.escape(setting or "all runs")}</h3>',
+            _gallery("Best agreeing images (highest IoU)", best),
+            _gallery("Worst agreeing images (lowest IoU)", worst),
+            "</section>",
+        ]
+    return "\n".join(parts)
 
 
 GRID_ROWS = 100  # images shown in the report's IoU grid; every one is in iou_per_image.csv
@@ -229,8 +265,6 @@ def render_html(
     methods: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one string; every value from the runs is HTML-escaped."""
-    best = [item for item in gallery if item.kind == "best"]
-    worst = [item for item in gallery if item.kind == "worst"]
     table_html = html_table(table)
     meta_html = "<br>".join(html.escape(line) for line in meta)
     return f"""<!DOCTYPE html>
@@ -257,8 +291,7 @@ expected IoU of random masks of the same sizes). Right: agreement above chance,
 {_paired(paired)}
 {_methods(methods)}
 {_grid(grid)}
-{_gallery("Best agreeing images (highest IoU)", best)}
-{_gallery("Worst agreeing images (lowest IoU)", worst)}
+{_galleries(gallery)}
 </body>
 </html>
 """

@@ -21,6 +21,7 @@ from xai_exp.tracking import (
     child_runs,
     connect,
     redact_uri,
+    run_url,
 )
 
 log = logging.getLogger("xai_exp")
@@ -202,12 +203,21 @@ class MlflowSweepCallback(Callback):
         parent.set_tags(tags)
         status = "FAILED" if failed or refused else "KILLED" if interrupted else "FINISHED"
         parent.finish(status)
+        print(self.end_block(parent, status, len(children), winner), flush=True)
+
+    def end_block(self, parent: RunLogger, status: str, n_children: int, winner: str = "") -> str:
+        """The lines printed when the sweep ends: its runs, report, parent's URL and folder."""
+        lines = [
+            f"xai-exp: sweep {status.lower()}: {n_children} runs under parent run {parent.run_id}"
+        ]
         report = self.sweep_dir / "comparison" / "report.html" if self.sweep_dir else None
-        print(
-            f"xai-exp: sweep {status.lower()}: {len(children)} runs under parent run "
-            f"{parent.run_id}"
-            + (f"\n  best setting   {winner}" if winner else "")
-            + (f"\n  report         {report}" if report is not None and report.is_file() else "")
-            + (f"\n  sweep folder   {self.sweep_dir}" if self.sweep_dir else ""),
-            flush=True,
-        )
+        if winner:
+            lines.append(f"  best setting   {winner}")
+        if report is not None and report.is_file():
+            lines.append(f"  report         {report}")
+        if self.cfg is not None:
+            url = run_url(self.cfg.tracking.uri, parent.experiment_id, parent.run_id)
+            lines.append(f"  parent run     {url}")
+        if self.sweep_dir:
+            lines.append(f"  sweep folder   {self.sweep_dir}")
+        return "\n".join(lines)

@@ -287,10 +287,60 @@ def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[
     return lost
 
 
+CLASSIC_VIEW = "workflowType=machine_learning"  # MLflow 3 opens runs in its GenAI view otherwise
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # experiment tag MLflow's UI reads a view from
+TABLE_COLUMNS = ("mean_iou_corrected", "mean_iou", "mean_iou_chance", "top1_accuracy")  # best first
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI's address: the server itself, or `mlflow ui` on its default port."""
+    return redact_uri(uri).rstrip("/") if is_server(uri) else "http://127.0.0.1:5000"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: the server itself, or `mlflow ui` on its default port."""
-    base = redact_uri(uri).rstrip("/") if is_server(uri) else None
-    return f"{base or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The run's page in the MLflow UI, in its classic (model training) view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
+
+
+def table_view(columns: Sequence[str] = TABLE_COLUMNS) -> tuple[str, str]:
+    """The runs table's view as MLflow's UI shares one: its key and the tag's JSON value.
+
+    Sorted by the first column (highest first), the metric columns shown; the key is a
+    digest of the value, so one view is one tag however many runs write it.
+    """
+    import hashlib
+    import json
+
+    shown = [f"metrics.`{name}`" for name in columns]
+    value = json.dumps({"orderByKey": shown[0], "orderByAsc": False, "selectedColumns": shown})
+    return "xai-exp-" + hashlib.sha256(value.encode()).hexdigest()[:12], value
+
+
+def share_table_view(client: MlflowClient, experiment_id: str) -> str | None:
+    """Store `table_view` on the experiment (idempotent); its key, or None when refused."""
+    key, value = table_view()
+    try:
+        experiment = client.get_experiment(experiment_id)
+        if experiment.tags.get(SHARED_VIEW_TAG + key) != value:
+            client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, value)
+    except Exception as error:  # noqa: BLE001 - a read-only store: the plain table link
+        log.info("could not store the runs table's view: %s", describe(error))
+        return None
+    return key
+
+
+def runs_table_url(uri: str, experiment_id: str, view_key: str | None = None) -> str:
+    """The experiment's runs table in the classic view.
+
+    With `view_key` (`share_table_view`) MLflow's UI opens it sorted by ``mean_iou`` with the
+    `TABLE_COLUMNS` shown; without, sorted by ``mean_iou`` only (MLflow shows no metric
+    column then). MLflow reads these parameters on ``/runs`` only: on the experiment's own
+    address it redirects and drops them.
+    """
+    base = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?"
+    if view_key:
+        return f"{base}viewStateShareKey={view_key}&{CLASSIC_VIEW}"
+    return f"{base}orderByKey=metrics.%60{TABLE_COLUMNS[0]}%60&orderByAsc=false&{CLASSIC_VIEW}"
 
 
 def quiet_downloads() -> contextlib.AbstractContextManager[None]:
