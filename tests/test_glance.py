@@ -160,12 +160,12 @@ def test_a_labelled_random_init_run_says_so_from_start_to_end(tmp_path, capsys, 
     out = capsys.readouterr().out
     accuracy = run.data.metrics["top1_accuracy"]
     assert f"top-1 accuracy {accuracy:.3f}" in out
-    assert "random weights the model has random weights" in out
+    assert "caution        the model has random weights" in out
     assert run_url(cfg.tracking.uri, experiment.experiment_id, run.info.run_id) in out
     [table] = [line.split()[-1] for line in out.splitlines() if "runs table" in line]
     key = table.split("viewStateShareKey=")[1].split("&")[0]
     view = json.loads(client.get_experiment(experiment.experiment_id).tags[SHARED_VIEW_TAG + key])
-    assert view["orderByKey"] == "metrics.`mean_iou`"
+    assert view["orderByKey"] == "metrics.`mean_iou_corrected`"
     assert "metrics.`mean_iou`" in view["selectedColumns"]
 
 
@@ -202,11 +202,11 @@ def test_links_open_the_classic_view_and_the_table_with_mean_iou(tracking_store)
     )
     tags = store.client.get_experiment(store.experiment_id).tags
     view = json.loads(tags[SHARED_VIEW_TAG + key])
-    assert view["selectedColumns"][0] == "metrics.`mean_iou`"
+    assert view["selectedColumns"][:2] == ["metrics.`mean_iou_corrected`", "metrics.`mean_iou`"]
     assert view["orderByAsc"] is False
     assert runs_table_url(store.uri, "3") == (  # no view stored: sorted by mean_iou at least
         "http://127.0.0.1:5000/#/experiments/3/runs"
-        "?orderByKey=metrics.%60mean_iou%60&orderByAsc=false&workflowType=machine_learning"
+        "?orderByKey=metrics.%60mean_iou_corrected%60&orderByAsc=false&workflowType=machine_learning"
     )
 
 

@@ -421,7 +421,7 @@ def where_to_look(
     if not math.isnan(summary.get("top1_accuracy", math.nan)):
         lines.append(f"  top-1 accuracy {mean_with_interval(summary, 'top1_accuracy')}")
     if random_weights(cfg.model):
-        lines.append(f"  random weights {RANDOM_NOTE}")
+        lines.append(f"  caution        {RANDOM_NOTE}")
     lines.append(f"  output folder  {out_dir}")
     if run is not None:
         lines.append(
