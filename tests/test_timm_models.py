@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import find_free_port
 from torch import nn
 
 from xai_exp import pipeline
@@ -230,6 +231,16 @@ def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do(monkeypatch):
             raise OSError("We couldn't connect to 'https://huggingface.co'")
         raise AssertionError("only the download fails")
 
+    from huggingface_hub import constants
+
+    from xai_exp import hub
+
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(ModelLoadError, match=r"offline\? use model\.weights=null"):
-        load_classifier(timm_config("convnext", weights="pretrained"), "cpu")
+    # the hub probe stays on this machine: a closed local port stands for the hub
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{find_free_port()}")
+    hub.unreachable_hub.cache_clear()
+    try:
+        with pytest.raises(ModelLoadError, match=r"offline\? use model\.weights=null"):
+            load_classifier(timm_config("convnext", weights="pretrained"), "cpu")
+    finally:
+        hub.unreachable_hub.cache_clear()
