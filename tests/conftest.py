@@ -31,12 +31,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from xai_exp.results import csv_columns
+from xai_exp.results import ImageResult, csv_columns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = REPO_ROOT / "run.py"
@@ -88,6 +89,23 @@ def tiny_png(color: tuple[int, int, int], size: int = 8) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def drawn_result(iou: float = 0.25, label: str = "tabby", probability: float = 0.5) -> ImageResult:
+    """An 8x8 image's result with every array an overlay draws (a CAM, four superpixels)."""
+    rng = np.random.default_rng(0)
+    segments = np.repeat(np.arange(4), 16).reshape(8, 8)
+    result = ImageResult("cat", "cat", values={"iou": iou})
+    result.predicted_label, result.target_label, result.probability = label, label, probability
+    result.arrays.update(
+        image=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+        cam=rng.random((8, 8)),
+        segments=segments,
+        lime_weights=rng.standard_normal(4),
+        cam_mask=segments == 0,
+        lime_mask=segments < 2,
+    )
+    return result
 
 
 @dataclass

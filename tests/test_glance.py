@@ -8,10 +8,9 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_STUDY, FakeImage
+from conftest import TINY_STUDY, FakeImage, drawn_result
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
@@ -23,7 +22,6 @@ from xai_exp.app import compose_config
 from xai_exp.config import honour_data_dir
 from xai_exp.job import JobContext, execute, run_name, run_note, where_to_look
 from xai_exp.report import gallery_rows
-from xai_exp.results import ImageResult
 from xai_exp.sweep import PARENT_FILE, MlflowSweepCallback
 from xai_exp.tracking import (
     SHARED_VIEW_TAG,
@@ -71,29 +69,13 @@ def test_a_sweep_run_is_named_by_its_swept_overrides_data_and_model_first(tmp_pa
 # --------------------------------------------------------------------------- random init
 
 
-def _drawn_result() -> ImageResult:
-    rng = np.random.default_rng(0)
-    segments = np.repeat(np.arange(4), 16).reshape(8, 8)
-    result = ImageResult("cat", "cat", values={"iou": 0.25})
-    result.predicted_label, result.target_label, result.probability = "cauliflower", "x", 0.0
-    result.arrays.update(
-        image=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
-        cam=rng.random((8, 8)),
-        segments=segments,
-        lime_weights=rng.standard_normal(4),
-        cam_mask=segments == 0,
-        lime_mask=segments < 2,
-    )
-    return result
-
-
 def _texts(figure) -> str:
     titles = [figure.get_suptitle()] + [axis.get_title() for axis in figure.axes]
     return "\n".join(titles)
 
 
 def test_a_random_init_overlay_and_bar_chart_say_so_and_are_not_reused_from_the_cache():
-    result = _drawn_result()
+    result = drawn_result(label="cauliflower", probability=0.0)
     assert "random weights" in _texts(plots.overlay_figure(result, "gradcam", True))
     assert "random weights" not in _texts(plots.overlay_figure(result, "gradcam"))
     random = plots.overlay_fingerprint(result, "gradcam", 100, ".png", True)

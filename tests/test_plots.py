@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from conftest import drawn_result
 from tiny_models import smooth_image, tiny_classifier
 
 from xai_exp import plots
@@ -72,28 +73,12 @@ def test_report_links_runs_and_zooms_images():
     assert 'class="table-wrap"' in page
 
 
-def _drawn_result(iou: float) -> ImageResult:
-    rng = np.random.default_rng(0)
-    segments = np.repeat(np.arange(4), 16).reshape(8, 8)
-    result = ImageResult("cat", "cat", values={"iou": iou})
-    result.predicted_label, result.target_label, result.probability = "tabby", "tabby", 0.5
-    result.arrays.update(
-        image=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
-        cam=rng.random((8, 8)),
-        segments=segments,
-        lime_weights=rng.standard_normal(4),
-        cam_mask=segments == 0,
-        lime_mask=segments < 2,
-    )
-    return result
-
-
 def test_a_rerun_copies_its_overlays_and_a_change_draws_again(tmp_path, monkeypatch):
     cache = ExplanationCache(tmp_path / "cache")
     for name in ("first", "second", "third", "fourth"):
         (tmp_path / name).mkdir()
     first = ResultsWriter(tmp_path / "first", "gradcam", figures=cache)
-    first(0, _drawn_result(0.25))
+    first(0, drawn_result(0.25))
     drawn = (tmp_path / "first" / "overlays" / "cat.png").read_bytes()
 
     def no_drawing(*_args, **_kwargs):
@@ -102,14 +87,14 @@ def test_a_rerun_copies_its_overlays_and_a_change_draws_again(tmp_path, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr(plots, "overlay_figure", no_drawing)
         second = ResultsWriter(tmp_path / "second", "gradcam", figures=cache)
-        second(0, _drawn_result(0.25))
+        second(0, drawn_result(0.25))
     assert (tmp_path / "second" / "overlays" / "cat.png").read_bytes() == drawn
     calls = []
     original = plots.overlay_figure
     monkeypatch.setattr(plots, "overlay_figure", lambda *a: calls.append(a) or original(*a))
     changed = ResultsWriter(tmp_path / "third", "gradcam", figures=cache)
-    changed(0, _drawn_result(0.5))  # another IoU: another title
+    changed(0, drawn_result(0.5))  # another IoU: another title
     other_method = ResultsWriter(tmp_path / "fourth", "scorecam", figures=cache)
-    other_method(0, _drawn_result(0.25))
+    other_method(0, drawn_result(0.25))
     assert len(calls) == 2
     assert (tmp_path / "third" / "overlays" / "cat.png").read_bytes() != drawn
