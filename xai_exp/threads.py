@@ -67,9 +67,11 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def cgroup_cpus(root: Path = CGROUP_ROOT) -> int | None:
-    """The CPU quota of the cgroup mounted at `root` in whole CPUs (v2 ``cpu.max``, else v1
-    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``); None when it sets none or cannot be read."""
+def cgroup_cpus(root: Path | None = None) -> int | None:
+    """The CPU quota of the cgroup mounted at `root` (None: `CGROUP_ROOT`) in whole CPUs (v2
+    ``cpu.max``, else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``); None when it sets none
+    or cannot be read."""
+    root = CGROUP_ROOT if root is None else root
     v2 = _read(root / "cpu.max")
     if v2 is not None:
         parts = v2.split()
@@ -98,7 +100,7 @@ def affinity_cpus() -> int:
 
 
 def cpu_share(
-    cgroup_root: Path = CGROUP_ROOT, environ: Mapping[str, str] | None = None
+    cgroup_root: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> ThreadCount:
     """The CPUs this process may use: the smallest of its affinity, its cgroup's CPU quota,
     SLURM_CPUS_PER_TASK and OMP_NUM_THREADS (invalid values are ignored); at least 1."""
@@ -116,7 +118,7 @@ def cpu_share(
 
 def inference_threads(
     setting: int | None = None,
-    cgroup_root: Path = CGROUP_ROOT,
+    cgroup_root: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ThreadCount:
     """`inference.threads` as it applies: the setting, or the CPU share when it is null."""
