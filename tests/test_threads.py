@@ -120,6 +120,18 @@ def test_gpu_superpixel_workers_fit_the_cpu_share(monkeypatch):
     assert superpixel_worker_count(None, "cuda") == 1
 
 
+def test_configuring_threads_does_not_load_torch():
+    code = (
+        "import sys\n"
+        "from xai_exp import threads\n"
+        "count = threads.configure_threads(None)\n"
+        "print(count.threads >= 1, 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]
+
+
 RESTRICTED = """
 import os, sys
 import torch
