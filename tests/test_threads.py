@@ -60,6 +60,30 @@ def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path, files, expected):
     assert cgroup_cpus(write_files(tmp_path, files)) == expected
 
 
+@pytest.mark.parametrize(
+    ("own", "files", "expected"),
+    [
+        ("0::/job/step", {"job/cpu.max": "200000 100000", "job/step/cpu.max": "max 100000"}, 2),
+        ("0::/job/step", {"job/cpu.max": "300000 100000", "job/step/cpu.max": "100000 100000"}, 1),
+        ("0::/job/step", {"other/cpu.max": "100000 100000"}, None),
+        ("0::/../outside", {"cpu.max": "max 100000"}, None),
+        (
+            "1:name=systemd:/job\n4:cpu,cpuacct:/job",
+            {
+                "cpu,cpuacct/job/cpu.cfs_quota_us": "200000",
+                "cpu,cpuacct/job/cpu.cfs_period_us": "100000",
+            },
+            2,
+        ),
+    ],
+)
+def test_the_quota_of_the_process_own_cgroup_and_its_parents_counts(tmp_path, own, files, expected):
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(own + "\n")
+    root = write_files(tmp_path / "fs", files)
+    assert cgroup_cpus(root, proc) == expected
+
+
 def test_a_cgroup_quota_below_the_affinity_sets_the_share(tmp_path):
     if threads.affinity_cpus() < 2:
         pytest.skip("needs two CPUs")

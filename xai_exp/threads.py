@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 OVERRIDE = "inference.threads"
 
 
@@ -67,28 +68,54 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def cgroup_cpus(root: Path | None = None) -> int | None:
-    """The CPU quota of the cgroup mounted at `root` (None: `CGROUP_ROOT`) in whole CPUs (v2
-    ``cpu.max``, else v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``); None when it sets none
-    or cannot be read."""
-    root = CGROUP_ROOT if root is None else root
-    v2 = _read(root / "cpu.max")
+def _folder_quota(folder: Path) -> int | None:
+    """The quota one cgroup folder sets (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``, quota -1: none), in whole CPUs."""
+    v2 = _read(folder / "cpu.max")
     if v2 is not None:
         parts = v2.split()
-        if len(parts) != 2 or parts[0] == "max":
-            return None
-        try:
-            return _whole_cpus(float(parts[0]), float(parts[1]))
-        except ValueError:
-            return None
-    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        numbers = parts if len(parts) == 2 and parts[0] != "max" else None
+    else:
         quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-        if quota is not None and period is not None:
-            try:
-                return _whole_cpus(float(quota), float(period))  # quota -1: no limit
-            except ValueError:
-                return None
-    return None
+        numbers = [quota, period] if quota is not None and period is not None else None
+    if numbers is None:
+        return None
+    try:
+        return _whole_cpus(float(numbers[0]), float(numbers[1]))
+    except ValueError:
+        return None
+
+
+def _own_cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
+    """The folders under `root` of this process's cgroup (from `proc_cgroup`, v2 ``0::/path``
+    or v1 ``N:cpu,cpuacct:/path``) and of each cgroup above it: a parent's quota binds too.
+    In a container `root` is usually the process's own cgroup already (path ``/``)."""
+    folders = [root, root / "cpu", root / "cpu,cpuacct"]
+    for line in (_read(proc_cgroup) or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        parts = Path(path.strip()).parts[1:]  # without the leading "/"
+        if ".." in parts:  # a cgroup outside this namespace's view: not under `root`
+            continue
+        if controllers == "":
+            base = root
+        elif "cpu" in controllers.split(","):
+            base = root / controllers
+        else:
+            continue
+        folders += [base.joinpath(*parts[:depth]) for depth in range(len(parts), 0, -1)]
+    return folders
+
+
+def cgroup_cpus(root: Path | None = None, proc_cgroup: Path = PROC_CGROUP) -> int | None:
+    """The CPU quota of this process's cgroup in whole CPUs: the smallest that the cgroup
+    filesystem at `root` (None: `CGROUP_ROOT`) sets for it or a cgroup above it; None when
+    none is set or readable."""
+    root = CGROUP_ROOT if root is None else root
+    quotas = [_folder_quota(folder) for folder in _own_cgroup_folders(root, proc_cgroup)]
+    return min((quota for quota in quotas if quota is not None), default=None)
 
 
 def affinity_cpus() -> int:
