@@ -30,6 +30,7 @@ CORE = [
     "xai_exp.outputs",
     "xai_exp.errors",
     "xai_exp.files",
+    "xai_exp.threads",
 ]
 
 

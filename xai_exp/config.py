@@ -154,10 +154,13 @@ class InferenceConfig:
     `engine`: auto (ONNX Runtime on CPU in fp32 when the model exports cleanly, else torch),
     torch or onnxruntime. `workers`: CPU processes that compute the superpixels of the next
     images while the current one is explained; null picks (GPU: up to 4, CPU: 0, inline).
+    `threads`: torch and ONNX Runtime threads; null: the CPUs this process may use (its
+    affinity, cgroup CPU quota, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS; `xai_exp.threads`).
     """
 
     engine: str = "auto"
     workers: int | None = None
+    threads: int | None = None
 
 
 @dataclass
@@ -186,6 +189,7 @@ ENGINES = ("auto", "torch", "onnxruntime")
 MODEL_SOURCES = ("auto", "torchvision", "timm")
 PREPROCESSING = ("model", "square")
 MAX_WORKERS = 64
+MAX_THREADS = 1024
 IMPLEMENTATIONS = ("fast", "reference")
 LIME_MODES = ("top_k", "area_matched")
 SEGMENTATIONS = ("quickshift", "slic", "felzenszwalb")
@@ -308,6 +312,11 @@ def validate(cfg: StudyConfig) -> None:
     _check(
         workers is None or 0 <= workers <= MAX_WORKERS,
         f"inference.workers={workers} must be null (auto) or 0..{MAX_WORKERS} (0: inline)",
+    )
+    threads = cfg.inference.threads
+    _check(
+        threads is None or 1 <= threads <= MAX_THREADS,
+        f"inference.threads={threads} must be null (the CPUs this job may use) or 1..{MAX_THREADS}",
     )
     _check_choice(cfg.data.source, DATA_SOURCES, "data.source")
     _check(

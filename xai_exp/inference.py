@@ -30,6 +30,7 @@ from torch import nn
 from xai_exp.config import ConfigError
 from xai_exp.models import Classifier, autocast
 from xai_exp.onnx_engine import EngineUnavailableError, OnnxNetwork, onnx_network
+from xai_exp.threads import apply_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,10 @@ def prepare_for_inference(
 ) -> str:
     """Build the inference network now; returns the engine its forward passes will use.
 
-    `graph_dir` caches exported ONNX graphs (None: export in memory every time).
+    `graph_dir` caches exported ONNX graphs (None: export in memory every time). torch and
+    the ONNX session run the thread count in use (`xai_exp.threads`).
     """
+    threads = apply_torch_threads()
     entry = _prepared(classifier)
     chosen = resolve_engine(engine, classifier.device, precision)
     entry.onnx = None
@@ -212,6 +215,7 @@ def prepare_for_inference(
                 classifier.input_size,
                 graph_dir,
                 fixed_batch=ONNX_BATCH,
+                threads=threads,
             )
         except EngineUnavailableError as error:
             if engine == "onnxruntime":

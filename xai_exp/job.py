@@ -66,6 +66,7 @@ from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, sum
 from xai_exp.signals import deferred
 from xai_exp.statistics import interval_warning
 from xai_exp.sweep import read_parent_marker
+from xai_exp.threads import configure_threads, inference_threads
 from xai_exp.tracking import (
     RunLogger,
     connect,
@@ -272,6 +273,7 @@ def model_tags(model: ModelFacts, cfg: StudyConfig) -> dict[str, str]:
         "cam_implementation": model.cam_implementation(cfg.method.name, cfg.method.implementation),
         "lime_implementation": cfg.lime.implementation,
         "inference_engine": model.engine,
+        "inference_threads": str(inference_threads(cfg.inference.threads).threads),
     }
 
 
@@ -506,6 +508,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
     honour_data_dir(cfg, context.task_overrides)
     validate(cfg)  # values and ranges, before the store is touched
     check_overrides(cfg, context)
+    configure_threads(cfg.inference.threads)  # torch's, once it is loaded
     tracking = cfg.tracking
     store = connect(tracking.uri, tracking.experiment) if tracking.enabled else None  # fail fast
     cache = ExplanationCache(cfg.cache.dir, enabled=cfg.cache.enabled)

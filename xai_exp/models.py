@@ -18,6 +18,7 @@ from xai_exp.architectures import Family, family_of
 from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
 from xai_exp.errors import ModelLoadError, describe, first_line
 from xai_exp.hub import offline_unless_reachable
+from xai_exp.threads import apply_torch_threads
 from xai_exp.views import fit_mask_to_input, fit_to_input
 
 BUNDLED_ARCH = "efficientnet_lite0"
@@ -393,8 +394,10 @@ def prepare_classifier(
     """Wrap any network (a tiny test CNN too) into a Classifier.
 
     `target_layer` None is the architecture family's default; a transformer's reshape
-    transform comes from its family.
+    transform comes from its family. Sets torch's thread count (`xai_exp.threads`) before
+    the network's first pass.
     """
+    apply_torch_threads()
     net.eval()
     family = family_of(net)
     if target_layer is None:

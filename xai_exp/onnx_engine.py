@@ -23,6 +23,7 @@ from torch import nn
 from xai_exp.cache import cache_key
 from xai_exp.errors import describe
 from xai_exp.files import atomic_path
+from xai_exp.threads import threads_in_use
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,10 @@ def _check_parity(network: OnnxNetwork, model: nn.Module, input_size: int) -> No
 
 
 def _checked_session(
-    graph: bytes, model: nn.Module, input_size: int, fixed_batch: int | None
+    graph: bytes, model: nn.Module, input_size: int, fixed_batch: int | None, threads: int
 ) -> OnnxNetwork:
     try:
-        network = OnnxNetwork(graph, torch.get_num_threads(), fixed_batch)
+        network = OnnxNetwork(graph, threads, fixed_batch)
         _check_parity(network, model, input_size)
     except EngineUnavailableError:
         raise
@@ -167,8 +168,11 @@ def onnx_network(
     input_size: int,
     directory: Path | None,
     fixed_batch: int | None = None,
+    threads: int | None = None,
 ) -> OnnxNetwork:
     """A checked ONNX Runtime session for a CPU model; cached under `directory` when given.
+
+    Its sessions run `threads` intra-op threads (None: `threads.threads_in_use`).
 
     A cached graph that cannot be read or does not reproduce the model is exported again.
     Raises `EngineUnavailableError` (one line) when onnxruntime is missing, the export fails or the
@@ -180,10 +184,11 @@ def onnx_network(
         raise EngineUnavailableError(
             "onnxruntime is not installed (pip install onnxruntime)"
         ) from None
+    threads = threads_in_use().threads if threads is None else threads
     path = graph_path(directory, identity, input_size) if directory is not None else None
     if path is not None and path.is_file():
         try:
-            return _checked_session(path.read_bytes(), model, input_size, fixed_batch)
+            return _checked_session(path.read_bytes(), model, input_size, fixed_batch, threads)
         except (OSError, EngineUnavailableError) as error:
             log.debug("cached ONNX graph %s is not used (%s); exporting again", path, error)
             with contextlib.suppress(OSError):
@@ -192,7 +197,7 @@ def onnx_network(
         graph = export_graph(model, input_size)
     except Exception as error:  # noqa: BLE001 - any exporter failure means "use torch"
         raise EngineUnavailableError(f"the ONNX export failed ({describe(error)})") from None
-    network = _checked_session(graph, model, input_size, fixed_batch)
+    network = _checked_session(graph, model, input_size, fixed_batch, threads)
     if path is not None:
         try:
             with atomic_path(path, suffix=".onnx") as temp:

@@ -24,6 +24,7 @@ from xai_exp.data import SkippedFile
 from xai_exp.files import atomic_path, atomic_write_text
 from xai_exp.model_facts import ModelFacts
 from xai_exp.results import ImageResult, Status, csv_columns
+from xai_exp.threads import inference_threads
 
 if TYPE_CHECKING:
     from xai_exp.faithfulness import FaithfulnessCurves
@@ -192,6 +193,7 @@ def explanation_params(
         "precision": cfg.precision,
         "device": model.device,
         "inference_engine": model.engine,
+        "inference_threads": inference_threads(cfg.inference.threads).threads,
         "versions": versions,
     }
 

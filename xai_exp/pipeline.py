@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from xai_exp.masks import (
 from xai_exp.metrics import chance_corrected, iou
 from xai_exp.model_facts import DeferredClassifier
 from xai_exp.results import Evidence, ImageResult, Status, computed_metrics
+from xai_exp.threads import cpu_share
 
 # Modules that import torch are imported where a network runs: a rerun whose explanations
 # are all cached never loads torch (see `model_facts`).
@@ -60,12 +60,12 @@ def library_versions() -> dict[str, str]:
 
 def superpixel_worker_count(setting: int | None, device_type: str) -> int:
     """inference.workers as it applies: null gives a GPU up to 4 workers, a CPU none (its
-    cores run the forward passes)."""
+    cores run the forward passes); a GPU leaves one of the CPUs this process may use free."""
     if setting is not None:
         return setting
     if device_type == "cpu":
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    return max(1, min(4, cpu_share().threads - 1))
 
 
 def _shape_problem(
