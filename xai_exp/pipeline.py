@@ -460,9 +460,10 @@ class Study:
         first_mask: np.ndarray | None,
     ) -> None:
         """LIME explained with every further seed (each cached): the mean pairwise IoU of its
-        masks (`lime_self_iou`) and the CAM-vs-LIME IoU per seed, whose mean becomes the image's
-        `iou` (its chance level, ceiling and agreement above chance too). The other LIME-derived
-        metrics, the LIME mask drawn and `lime_mask_fraction` stay the first seed's."""
+        masks (`lime_self_iou`, LIME's agreement with itself) and the CAM-vs-LIME IoU per seed,
+        whose mean becomes the image's `iou` (its chance level, ceiling and agreement above
+        chance too). The other LIME-derived metrics, the LIME mask drawn and
+        `lime_mask_fraction` stay the first seed's."""
         masks = [first_mask]
         for seed in seeds[1:]:
             weights = self.lime(item, view, segments, target, seed).arrays["weights"]
