@@ -15,7 +15,7 @@ from xai_exp.config import LimeConfig, MethodConfig, StudyConfig, ThresholdConfi
 from xai_exp.data import ImageItem
 from xai_exp.metrics import iou
 from xai_exp.pipeline import Study, run_study
-from xai_exp.results import METRICS
+from xai_exp.results import METRICS, ImageResult
 
 
 def config(seeds: list[int]) -> StudyConfig:
@@ -83,3 +83,14 @@ def test_lime_derived_metrics_use_and_name_the_first_seed(seeded):
     assert several.values["spearman"] == alone.values["spearman"]  # computed from seed 0
     assert several.lime_mask_fraction == alone.lime_mask_fraction
     assert np.array_equal(several.arrays["lime_weights"], alone.arrays["lime_weights"])
+
+
+def test_a_drawn_seed_without_a_mask_says_so_beside_the_mean():
+    result = ImageResult("cat", "cat", values={"iou": 0.25}, lime_seeds=(4, 5))
+    result.iou_by_seed = ";0.2500"
+    result.arrays.update(cam_mask=np.ones((4, 4), bool))
+    title = plots.agreement_title(result)
+    assert title == (
+        "CAM mask vs LIME mask (seed 4 drawn): no masks to draw\n"
+        "mean over seeds 4, 5: 0.250 (n/a / 0.250)"
+    )

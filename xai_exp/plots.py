@@ -88,12 +88,15 @@ def agreement_title(result: ImageResult) -> str:
     from xai_exp.metrics import iou
 
     cam_mask, lime_mask = result.arrays.get("cam_mask"), result.arrays.get("lime_mask")
-    if cam_mask is None or lime_mask is None:
-        return "masks"
-    drawn = f"IoU {iou(cam_mask, lime_mask):.3f}"
     seeds = result.lime_seeds
+    if cam_mask is None or lime_mask is None:
+        drawn = "no masks to draw"
+    else:
+        drawn = f"IoU {iou(cam_mask, lime_mask):.3f}"
     if len(seeds) <= 1:
-        return f"CAM mask vs LIME mask: {drawn}"
+        return (
+            "masks" if cam_mask is None or lime_mask is None else f"CAM mask vs LIME mask: {drawn}"
+        )
     mean = "n/a" if result.iou is None else f"{result.iou:.3f}"
     each = " / ".join("n/a" if v is None else f"{v:.3f}" for v in result.iou_per_seed)
     return (
@@ -186,7 +189,8 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
     axes[2].set_title(f"LIME superpixel weights{seed}")
     cam_mask, lime_mask = arrays.get("cam_mask"), arrays.get("lime_mask")
     if cam_mask is None or lime_mask is None:
-        axes[3].text(0.5, 0.5, "no IoU: flagged\n(see the reason above)", ha="center", va="center")
+        missing = "no IoU: flagged" if result.iou is None else "no mask for this seed"
+        axes[3].text(0.5, 0.5, f"{missing}\n(see the reason above)", ha="center", va="center")
         axes[3].set_title(agreement_title(result))
     else:
         axes[3].imshow(agreement_image(image, cam_mask, lime_mask))
