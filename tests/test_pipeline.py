@@ -186,7 +186,7 @@ def test_several_lime_seeds_give_lime_self_agreement_and_iou_per_seed(tmp_path):
     assert result.values["iou_corrected"] == pytest.approx(np.mean(corrected))  # seeds averaged
     summary = summary_metrics([result])
     assert summary["mean_lime_self_iou"] == result.values["lime_self_iou"]
-    assert summary["ceiling_normalised_iou"] == pytest.approx(
+    assert summary["iou_over_lime_self_iou"] == pytest.approx(
         result.iou / result.values["lime_self_iou"]
     )
 

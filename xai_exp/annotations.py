@@ -7,6 +7,12 @@
   files (``<stem>.xml``, every ``object/bndbox``). Coordinates are pixels of the image file as
   stored (an XML's ``size`` when it has one); they are scaled to the loaded image.
 
+A photo with an EXIF orientation is loaded upright; its boxes and masks are taken in the frame
+the file stores its pixels in (where ImageNet's and VOC's boxes are) and turned with it, all
+eight orientations. An annotation that declares the upright frame instead is honoured: an XML
+``size``, or a mask, whose width and height are the upright image's (not the stored ones), or a
+mask file with an EXIF orientation of its own.
+
 Images without an annotation get none (their ground-truth metrics are left empty).
 """
 
@@ -68,7 +74,7 @@ class Annotations:
             for extension in SUPPORTED_EXTENSIONS:
                 candidate = self.masks_dir / f"{stem}{extension}"
                 if candidate.is_file():
-                    return _mask_file(candidate, shape)
+                    return self._mask_file(candidate, path, shape)
         boxes = next((self.boxes[k] for k in keys if k in self.boxes), None)
         size = None
         if boxes is None and self.xml_dir is not None:
@@ -77,17 +83,77 @@ class Annotations:
                 boxes, size = read_xml_boxes(candidate)
         if boxes is None:
             return None
-        if size is None:
-            with Image.open(path) as image:
-                size = image.size
+        stored, orientation = stored_frame(path)
+        size = size or stored
+        if not _upright(size, stored, orientation):  # boxes of the stored pixels: turn them
+            height, width = shape
+            frame = (width, height) if orientation in _SWAPS_AXES else shape
+            return orient(_rasterise(boxes, size, frame), orientation)
         return _rasterise(boxes, size, shape)
 
+    def _mask_file(self, mask_path: Path, image_path: Path, shape: tuple[int, int]) -> np.ndarray:
+        """A mask file on the loaded image: turned with the image unless already upright."""
+        try:
+            mask = load_image(mask_path).max(axis=2) > 0  # its own EXIF orientation applied
+        except ImageLoadError as error:
+            raise AnnotationError(f"object mask {mask_path}: {error.reason}") from None
+        own = stored_frame(mask_path)[1] != 1
+        stored, orientation = stored_frame(image_path)
+        if not own and not _upright((mask.shape[1], mask.shape[0]), stored, orientation):
+            mask = orient(mask, orientation)
+        return _fit(mask, shape)
 
-def _mask_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
+
+# EXIF orientation -> the transpose that shows the stored pixels upright (PIL's exif_transpose)
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+def stored_frame(path: Path) -> tuple[tuple[int, int], int]:
+    """The image file's stored (width, height) and its EXIF orientation (1: upright; also for
+    a missing or malformed tag, as the loader then keeps the pixels as stored)."""
     try:
-        mask = load_image(path).max(axis=2) > 0
-    except ImageLoadError as error:
-        raise AnnotationError(f"object mask {path}: {error.reason}") from None
+        with Image.open(path) as image:
+            size = image.size
+            try:
+                orientation = int(image.getexif().get(0x0112, 1))
+            except Exception:  # noqa: BLE001 - broken EXIF: the loader ignores it too
+                orientation = 1
+    except OSError as error:
+        raise AnnotationError(f"cannot read {path} ({error})") from None
+    return size, orientation if orientation in _ORIENTATIONS else 1
+
+
+def orient(mask: np.ndarray, orientation: int) -> np.ndarray:
+    """A mask of the stored pixels, turned as the loader turns the image (EXIF orientation)."""
+    method = _ORIENTATIONS.get(orientation)
+    if method is None:
+        return mask
+    turned = Image.fromarray(mask.astype(np.uint8) * 255).transpose(method)
+    return np.asarray(turned) > 127
+
+
+def _upright(size: tuple[int, int], stored: tuple[int, int], orientation: int) -> bool:
+    """Whether an annotation of `size` (width, height) is already in the upright frame: the
+    image needs no turn, or the annotation has the upright shape rather than the stored one."""
+    if orientation == 1:
+        return True
+    if orientation not in _SWAPS_AXES or size[1] <= 0 or stored[1] <= 0:
+        return False  # flips and half turns keep the shape: the stored frame, as documented
+    aspect, stored_aspect = size[0] / size[1], stored[0] / stored[1]
+    return abs(aspect - 1 / stored_aspect) < abs(aspect - stored_aspect)
+
+
+def _fit(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask resized (nearest) to `shape`."""
     if mask.shape != shape:
         resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
             (shape[1], shape[0]), Image.Resampling.NEAREST

@@ -5,7 +5,9 @@ grad-cam needs a B x C x H x W map at the target layer. CNNs give one; vision tr
 tokens, which a reshape transform turns into a map (grad-cam's `reshape_transform`): ViT / DeiT
 drop their class (and distillation) tokens and lay the patch tokens on the patch grid; Swin's
 blocks already give B x H x W x C, which only needs its channels moved first. The transform is
-read from the model, never typed by the user.
+read from the model and the target layer's output shape (`layer_reshape`), never typed by the
+user: any token layer grad-cam's examples use works, e.g. Swin's ``layers.-1.blocks.-1.norm2``
+(B x 49 x C tokens, laid on their 7 x 7 grid as in grad-cam's ``swinT_example.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class ChannelsFirst:
         return features.permute(0, 3, 1, 2)
 
 
+Reshape = TokensToGrid | ChannelsFirst
+
+
 @dataclass(frozen=True)
 class Family:
     """An architecture family: its default target layer, its reshape transform (transformers),
@@ -50,7 +55,7 @@ class Family:
 
     name: str
     target_layer: str
-    reshape: TokensToGrid | ChannelsFirst | None = None
+    reshape: Reshape | None = None  # the default target layer's
     unsupported: tuple[tuple[str, str], ...] = ()
 
     def refusal(self, method: str) -> str | None:
@@ -68,6 +73,35 @@ class Family:
         refusal = self.refusal(method)
         if refusal is not None:
             raise ConfigError(refusal)
+
+
+def _square(count: int) -> bool:
+    return count > 0 and math.isqrt(count) ** 2 == count
+
+
+def layer_reshape(family: Family, shape: tuple[int, ...]) -> Reshape | None:
+    """The reshape that turns a target layer's output of `shape` into B x C x H x W.
+
+    CNN families need none. In a transformer, B x N x C tokens go on a square grid: behind the
+    family's prefix tokens (ViT's class token) when N minus them is a square, else all N (Swin's
+    B x H*W x C, e.g. ``norm2``); a B x H x W x C map (Swin's ``norm1``, timm >= 0.9) gets its
+    channels first, and a B x C x H x W map (a patch embedding's convolution) stays as it is.
+    Anything else keeps the family's default, which the dry forward pass then refuses.
+    """
+    default = family.reshape
+    if default is None:
+        return None
+    if len(shape) == 3:
+        if isinstance(default, TokensToGrid) and _square(shape[1] - default.prefix_tokens):
+            return default
+        if _square(shape[1]):
+            side = math.isqrt(shape[1])
+            return TokensToGrid(0, (side, side))
+    if len(shape) == 4:
+        _, first, second, last = shape
+        channels_last = first == second and last != first
+        return ChannelsFirst() if channels_last else None
+    return default
 
 
 _TRANSFORMER_LIMITS = (

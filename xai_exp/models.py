@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xai_exp.architectures import Family, family_of
+from xai_exp.architectures import Family, Reshape, family_of, layer_reshape
 from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
 from xai_exp.errors import ModelLoadError, describe, first_line
 from xai_exp.hub import offline_unless_reachable
@@ -129,10 +129,11 @@ def check_feature_map(
     layer: nn.Module,
     name: str,
     input_size: int,
-    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> None:
+    family: Family | None = None,
+) -> Reshape | None:
     """A dry forward pass: the target layer must output (after the reshape transform of a
-    transformer) a B x C x H x W feature map."""
+    transformer, chosen from the output's shape by `layer_reshape`) a B x C x H x W feature
+    map; returns that reshape."""
     found: list[object] = []
     handle = layer.register_forward_hook(lambda _m, _i, output: found.append(output))
     try:
@@ -145,6 +146,9 @@ def check_feature_map(
     finally:
         handle.remove()
     output = found[-1] if found else None
+    reshape = None
+    if family is not None and isinstance(output, torch.Tensor):
+        reshape = layer_reshape(family, tuple(output.shape))
     if reshape is not None and isinstance(output, torch.Tensor):
         try:
             output = reshape(output)
@@ -164,6 +168,7 @@ def check_feature_map(
             f"model.target_layer={name!r} outputs {tuple(output.shape)}: a 1 x 1 map gives a "
             f"constant CAM at model.input_size={input_size}; {hint}"
         )
+    return reshape
 
 
 def _device_of(net: nn.Module) -> torch.device:
@@ -408,7 +413,7 @@ def prepare_classifier(
             )
         target_layer = family.target_layer
     layer = resolve_layer(net, target_layer)
-    check_feature_map(net, layer, target_layer, input_size, family.reshape)
+    reshape = check_feature_map(net, layer, target_layer, input_size, family)
     identity = weights_identity(arch, net)
     model = net.to(device).eval()
     for parameter in model.parameters():
@@ -426,7 +431,7 @@ def prepare_classifier(
         std=tuple(std),
         crop_fraction=crop_fraction,
         interpolation=interpolation,
-        reshape=family.reshape,
+        reshape=reshape,
         family=family,
     )
 

@@ -460,8 +460,10 @@ class Study:
         first_mask: np.ndarray | None,
     ) -> None:
         """LIME explained with every further seed (each cached): the mean pairwise IoU of its
-        masks (`lime_self_iou`, the noise ceiling) and the CAM-vs-LIME IoU per seed, whose mean
-        becomes the image's `iou`."""
+        masks (`lime_self_iou`, LIME's agreement with itself) and the CAM-vs-LIME IoU per seed,
+        whose mean becomes the image's `iou` (its chance level, ceiling and agreement above
+        chance too). The other LIME-derived metrics, the LIME mask drawn and
+        `lime_mask_fraction` stay the first seed's."""
         masks = [first_mask]
         for seed in seeds[1:]:
             weights = self.lime(item, view, segments, target, seed).arrays["weights"]
@@ -521,7 +523,8 @@ class Study:
         cam_step = self.cam(item, view, target)
         segment_step = self.segments(item, view)
         seeds = lime_seeds(self.cfg.lime)
-        lime_step = self.lime(item, view, segment_step, target, seeds[0])
+        result.lime_seeds = tuple(seeds)  # the first seed's weights and mask are drawn and
+        lime_step = self.lime(item, view, segment_step, target, seeds[0])  # feed the metrics
         cam = cam_step.arrays["cam"]
         segments = segment_step.arrays["segments"]
         weights = lime_step.arrays["weights"]

@@ -54,8 +54,17 @@ def plain_text(text: str) -> str:
 RANDOM_MARK = " (random weights)"  # in the titles of a random-init model's figures
 
 
+def _mean_label(result: ImageResult) -> str:
+    """What `result.iou` is: one seed's IoU, or the mean over several LIME seeds."""
+    seeds = result.lime_seeds
+    if len(seeds) > 1:
+        return f"mean IoU over LIME seeds {', '.join(map(str, seeds))}:"
+    return "IoU"
+
+
 def _title(result: ImageResult, method: str, random_weights: bool = False) -> str:
-    score = "IoU n/a" if result.iou is None else f"IoU {result.iou:.3f}"
+    label = _mean_label(result)
+    score = f"{label} n/a" if result.iou is None else f"{label} {result.iou:.3f}"
     head = f"{result.name}: {result.predicted_label} ({result.probability:.0%})  {method} vs LIME"
     tail = f"  {score}" + (f"  [{result.reason}]" if result.reason else "")
     return plain_text(head + tail + (RANDOM_MARK if random_weights else ""))
@@ -73,6 +82,29 @@ def agreement_image(image: np.ndarray, cam_mask: np.ndarray, lime_mask: np.ndarr
     return np.clip(shown, 0.0, 1.0)
 
 
+def agreement_title(result: ImageResult) -> str:
+    """The agreement panel's title: the IoU of the masks it draws (one LIME seed's, named when
+    there are several), then the mean over seeds, labelled as such, and each seed's IoU."""
+    from xai_exp.metrics import iou
+
+    cam_mask, lime_mask = result.arrays.get("cam_mask"), result.arrays.get("lime_mask")
+    seeds = result.lime_seeds
+    if cam_mask is None or lime_mask is None:
+        drawn = "no masks to draw"
+    else:
+        drawn = f"IoU {iou(cam_mask, lime_mask):.3f}"
+    if len(seeds) <= 1:
+        return (
+            "masks" if cam_mask is None or lime_mask is None else f"CAM mask vs LIME mask: {drawn}"
+        )
+    mean = "n/a" if result.iou is None else f"{result.iou:.3f}"
+    each = " / ".join("n/a" if v is None else f"{v:.3f}" for v in result.iou_per_seed)
+    return (
+        f"CAM mask vs LIME mask (seed {seeds[0]} drawn): {drawn}\n"
+        f"mean over seeds {', '.join(map(str, seeds))}: {mean} ({each})"
+    )
+
+
 OVERLAY_ARRAYS = ("image", "cam", "segments", "lime_weights", "cam_mask", "lime_mask")
 OVERLAY_FIELDS = (  # every ImageResult field `overlay_figure` draws: keep in step with it
     "name",
@@ -83,6 +115,8 @@ OVERLAY_FIELDS = (  # every ImageResult field `overlay_figure` draws: keep in st
     "true_class",
     "target_label",
     "iou",
+    "iou_by_seed",
+    "lime_seeds",
     "reason",
 )
 
@@ -151,11 +185,13 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
         shown = axes[2].imshow(weights, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
         bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
         bar.set_label("LIME weight: red for, blue against the class")
-    axes[2].set_title("LIME superpixel weights")
+    seed = f" (seed {result.lime_seeds[0]})" if len(result.lime_seeds) > 1 else ""
+    axes[2].set_title(f"LIME superpixel weights{seed}")
     cam_mask, lime_mask = arrays.get("cam_mask"), arrays.get("lime_mask")
     if cam_mask is None or lime_mask is None:
-        axes[3].text(0.5, 0.5, "no IoU: flagged\n(see the reason above)", ha="center", va="center")
-        axes[3].set_title("masks")
+        missing = "no IoU: flagged" if result.iou is None else "no mask for this seed"
+        axes[3].text(0.5, 0.5, f"{missing}\n(see the reason above)", ha="center", va="center")
+        axes[3].set_title(agreement_title(result))
     else:
         axes[3].imshow(agreement_image(image, cam_mask, lime_mask))
         pixels = cam_mask.size
@@ -168,8 +204,7 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
         ]
         axes[3].legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
                        fontsize="small", frameon=False, handlelength=1)  # fmt: skip
-        iou = "n/a" if result.iou is None else f"{result.iou:.3f}"
-        axes[3].set_title(f"CAM mask vs LIME mask: IoU {iou}")
+        axes[3].set_title(agreement_title(result))
     for axis in axes:
         axis.axis("off")
     figure.suptitle(_title(result, method, random_weights), fontsize=11)
