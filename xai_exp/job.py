@@ -361,7 +361,13 @@ def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) 
         f"Mean IoU **{shown}** over "
         f"{int(summary.get('n_compared', 0))} of "
         f"{int(summary.get('n_images', 0))} images "
-        f"({int(summary.get('n_flagged', 0))} flagged, {int(summary.get('n_failed', 0))} failed)."
+        f"({int(summary.get('n_flagged', 0))} flagged, {int(summary.get('n_failed', 0))} failed); "
+        f"agreement above chance **{mean_with_interval(summary, 'mean_iou_corrected')}** "
+        f"(chance level {summary.get('mean_iou_chance', math.nan):.3f}: the IoU random masks of "
+        "the same sizes score)."
+        + "".join(
+            f" {note}." for note in [interval_warning(int(summary.get("n_compared", 0)))] if note
+        )
         + (f"\n\n**Random weights**: {RANDOM_NOTE}." if random_weights(cfg.model) else "")
         + "\n\nArtifacts: "
         + ", ".join(f"`{path.name}`" for path in files)
