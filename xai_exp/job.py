@@ -354,6 +354,7 @@ def mean_with_interval(summary: Mapping[str, float], name: str = "mean_iou") -> 
 def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) -> str:
     """The run's description in the MLflow UI (Markdown): setting, result, where to look."""
     shown = mean_with_interval(summary)
+    small = interval_warning(int(summary.get("n_compared", 0)))
     return (
         f"**{cfg.method.name} vs LIME-{cfg.lime.num_samples}** on `{cfg.model.arch}` "
         f"(target layer `{cfg.model.target_layer}`), CAM top {cfg.threshold.cam_top_fraction:g}, "
@@ -365,9 +366,7 @@ def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) 
         f"agreement above chance **{mean_with_interval(summary, 'mean_iou_corrected')}** "
         f"(chance level {summary.get('mean_iou_chance', math.nan):.3f}: the IoU random masks of "
         "the same sizes score)."
-        + "".join(
-            f" {note}." for note in [interval_warning(int(summary.get("n_compared", 0)))] if note
-        )
+        + (f" Careful: {small}." if small else "")
         + (f"\n\n**Random weights**: {RANDOM_NOTE}." if random_weights(cfg.model) else "")
         + "\n\nArtifacts: "
         + ", ".join(f"`{path.name}`" for path in files)
