@@ -112,6 +112,22 @@ def test_the_end_block_shows_top1_accuracy_only_when_the_data_had_labels(tmp_pat
     assert "top-1" not in where_to_look(cfg, tmp_path, None, {"mean_iou": 0.2})
 
 
+def test_the_end_block_leads_with_agreement_above_chance_and_flags_few_images(tmp_path):
+    cfg = compose_config([])
+    summary = {
+        "mean_iou": 0.2,
+        "mean_iou_corrected": 0.31,
+        "mean_iou_corrected_ci_low": 0.1,
+        "mean_iou_corrected_ci_high": 0.5,
+        "mean_iou_chance": 0.07,
+        "n_compared": 4,
+    }
+    block = where_to_look(cfg, tmp_path, None, summary)
+    assert "above chance   0.310 [0.100, 0.500] (95% CI), chance level 0.070" in block
+    assert "careful        interval from 4 < 10 images: covers less than 95%" in block
+    assert "careful" not in where_to_look(cfg, tmp_path, None, {**summary, "n_compared": 10})
+
+
 def _png(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(smooth_image(32, seed)).save(path)

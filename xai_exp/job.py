@@ -64,7 +64,7 @@ from xai_exp.outputs import (
 from xai_exp.pipeline import Study, library_versions, prepare_for_classifier, run_study
 from xai_exp.results import METRICS, ImageResult, csv_columns, load_plugins, summary_metrics
 from xai_exp.signals import deferred
-from xai_exp.statistics import interval_warning
+from xai_exp.statistics import MIN_INTERVAL_IMAGES, interval_warning
 from xai_exp.sweep import read_parent_marker
 from xai_exp.threads import configure_threads, inference_threads
 from xai_exp.tracking import (
@@ -419,12 +419,20 @@ def where_to_look(
 ) -> str:
     """The block printed at the end of a run: the result, output folder, MLflow run and links.
 
-    Top-1 accuracy when the data had labels; a random-init model is said so.
+    The agreement above chance; top-1 accuracy when the data had labels; intervals from few
+    images and a random-init model are said so.
     """
     summary = summary or {}
     lines = []
     if "mean_iou" in summary:
         lines.append(f"  mean IoU       {mean_with_interval(summary)}")
+    if not math.isnan(summary.get("mean_iou_corrected", math.nan)):
+        chance = f"chance level {summary.get('mean_iou_chance', math.nan):.3f}"
+        above = mean_with_interval(summary, "mean_iou_corrected")
+        lines.append(f"  above chance   {above}, {chance}")
+    small = interval_warning(int(summary.get("n_compared", MIN_INTERVAL_IMAGES)))
+    if small:
+        lines.append(f"  careful        {small}")
     if not math.isnan(summary.get("top1_accuracy", math.nan)):
         lines.append(f"  top-1 accuracy {mean_with_interval(summary, 'top1_accuracy')}")
     if random_weights(cfg.model):
@@ -604,9 +612,6 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             summary.get("mean_iou_chance", math.nan),
             summary.get("mean_iou_ceiling", math.nan),
         )
-        small = interval_warning(int(summary["n_compared"]))
-        if small:
-            log.warning("%s", small)
         view = share_table_view(run.client, run.experiment_id) if run is not None else None
         print(where_to_look(cfg, out_dir, run, summary, view), flush=True)
         return summary["mean_iou"]
