@@ -232,3 +232,33 @@ def test_the_models_view_changes_the_cache_keys_and_square_keeps_them(tmp_path):
     # a timm model with crop_pct 1.0: once keyed like the square, now its own view (version 2)
     assert base_key(crop_mode="center", resize_size=224)["view"] == ["center", 224, "bicubic", 2]
     assert base_key(crop_mode="squash", resize_size=248)["view"] == ["squash", 248, "bicubic", 2]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {},  # the default: the bundled EfficientNet-Lite0 (timm's tf_efficientnet_lite0)
+        {"arch": "resnet18", "weights": None, "target_layer": None, "input_size": None},
+    ],
+    ids=["bundled", "torchvision-resnet18"],
+)
+def test_the_studys_view_and_input_are_the_libraries_transform(model):
+    """Through load_classifier and the cached facts: the view a study explains and draws on,
+    and the tensor the model sees, are the library's own transform of the image."""
+    from xai_exp.config import ModelConfig
+    from xai_exp.model_facts import DeferredClassifier, ModelFacts
+    from xai_exp.models import load_classifier
+
+    classifier = load_classifier(ModelConfig(**model), "cpu")
+    facts = ModelFacts.from_meta(DeferredClassifier.ready(classifier, "torch").facts.to_meta())
+    if model:
+        transform = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    else:
+        transform = create_transform(**resolve_data_config({}, model=classifier.model))
+    for width, height in [(367, 256), (376, 263), (1, 1000)]:
+        image = noise(width, height, 5)
+        view = facts.view(image)
+        expected = transform(Image.fromarray(image))
+        if not model:
+            assert np.array_equal(view, pil_steps(transform, Image.fromarray(image)))
+        torch.testing.assert_close(classifier.input_tensor(view)[0], expected, rtol=0, atol=1e-5)
