@@ -19,6 +19,7 @@ from xai_exp.explainers import lime, superpixels
 from xai_exp.explainers.cam import CAM_METHODS, cam_implementation, compute_cam
 from xai_exp.job import check_config
 from xai_exp.models import ModelLoadError, fit_to_input, load_classifier, prepare_classifier
+from xai_exp.views import View
 
 SIZE = 64
 SMALL = {  # family -> (timm name, arguments that keep it small at 64 px)
@@ -168,13 +169,16 @@ def test_preprocessing_comes_from_the_model_and_square_keeps_the_full_crop():
         224 / 256,
         "bilinear",
     )  # torchvision's IMAGENET1K transforms: resize 256, crop 224
+    assert (resnet.resize_size, resnet.crop_mode, square.crop_mode) == (256, "center", "square")
+    assert (vit.resize_size, vit.crop_mode) == (71, "center")  # timm: floor(64 / 0.9)
 
 
 def test_the_models_view_reaches_both_explanation_paths(tmp_path, monkeypatch):
     classifier = load_classifier(timm_config("convnext"), "cpu")
     classifier.crop_fraction, classifier.interpolation = 0.5, "bilinear"
+    classifier.resize_size, classifier.crop_mode = 2 * SIZE, "center"
     image = np.asarray(bundled_images(1)[0].image)
-    expected = fit_to_input(image, SIZE, 0.5, "bilinear")
+    expected = View(SIZE, 2 * SIZE, "bilinear", "center").image(image)
     seen = {}
     real_cam, real_segment = cam_module.compute_cam, pipeline.segment
 

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 from xai_exp.cache import ExplanationCache, cache_key
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.errors import describe
-from xai_exp.views import fit_mask_to_input, fit_to_input
+from xai_exp.views import SQUARE, View
 
 if TYPE_CHECKING:
     from xai_exp.models import Classifier
 
 FACTS_KIND = "model_facts"
-FACTS_VERSION = 1  # bump when a field's meaning changes
+FACTS_VERSION = 2  # bump when a field's meaning changes (2: resize_size, crop_mode)
 # the modules whose code decides a fact: a change to any of them re-derives the facts
 _DECIDING_MODULES = (
     "xai_exp.models",
@@ -73,14 +73,23 @@ class ModelFacts:
     engine: str  # the engine forward-only passes run on
     fast_methods: tuple[str, ...] = ()  # CAM methods whose exact fast path applies
     refusals: dict[str, str] = field(default_factory=dict)  # method -> why it cannot run
+    resize_size: int = 0  # the view's shorter side before its crop, as the library says (0: input)
+    crop_mode: str = SQUARE  # center, squash (the model's eval transform) or square (xai-exp's)
+
+    @property
+    def view_spec(self) -> View:
+        """The geometry of the explained view."""
+        resize = self.resize_size or self.input_size
+        return View(self.input_size, resize, self.interpolation, self.crop_mode)
 
     def view(self, image: Any) -> Any:
-        """The explained view of an image (uint8 HxWx3), the same for CAM and LIME."""
-        return fit_to_input(image, self.input_size, self.crop_fraction, self.interpolation)
+        """The explained view of an image (uint8 HxWx3), the same for CAM and LIME: the
+        model's own eval resize and centre crop, pixel for pixel (or the full square)."""
+        return self.view_spec.image(image)
 
     def view_mask(self, mask: Any) -> Any:
         """A boolean mask of the image through the view's resize and crop (nearest)."""
-        return fit_mask_to_input(mask, self.input_size, self.crop_fraction)
+        return self.view_spec.mask(mask)
 
     def label(self, index: int) -> str:
         """Human-readable class name."""
@@ -92,6 +101,8 @@ class ModelFacts:
             "input_size": self.input_size,
             "crop_fraction": self.crop_fraction,
             "interpolation": self.interpolation,
+            "resize_size": self.resize_size or self.input_size,
+            "crop_mode": self.crop_mode,
             "mean": list(self.mean),
             "std": list(self.std),
         }
@@ -131,6 +142,8 @@ def facts_of(classifier: Classifier, engine: str) -> ModelFacts:
         std=tuple(float(v) for v in classifier.std),
         crop_fraction=float(classifier.crop_fraction),
         interpolation=classifier.interpolation,
+        resize_size=int(classifier.resize_size or classifier.input_size),
+        crop_mode=classifier.crop_mode,
         target_layer_name=classifier.target_layer_name,
         family=family.name if family else None,
         device=str(classifier.device),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from xai_exp.config import PRECISIONS, ConfigError, ModelConfig
 from xai_exp.errors import ModelLoadError, describe, first_line
 from xai_exp.hub import offline_unless_reachable
 from xai_exp.threads import apply_torch_threads
-from xai_exp.views import fit_mask_to_input, fit_to_input
+from xai_exp.views import CENTER, SQUARE, SQUASH, View, fit_mask_to_input, fit_to_input
 
 BUNDLED_ARCH = "efficientnet_lite0"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -44,10 +45,19 @@ class Classifier:
     device: torch.device
     mean: tuple[float, ...] = TORCHVISION_MEAN
     std: tuple[float, ...] = TORCHVISION_STD
-    crop_fraction: float = 1.0  # the view: shorter side to input_size / crop_fraction, centre crop
+    crop_fraction: float = 1.0  # input_size / resize_size, as the model's config says (logged)
     interpolation: str = "bicubic"
+    resize_size: int | None = None  # the view's shorter side before the crop (None: input_size)
+    crop_mode: str = SQUARE  # center, squash (timm's) or square (xai-exp's full centre square)
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None  # tokens -> B x C x H x W
     family: Family | None = None
+
+    @property
+    def view(self) -> View:
+        """The explained view: the model's eval resize and centre crop (or the full square)."""
+        return View(
+            self.input_size, self.resize_size or self.input_size, self.interpolation, self.crop_mode
+        )
 
     def normalised_pixels(self, images: np.ndarray) -> torch.Tensor:
         """NHWC (or HWC) RGB pixel values in [0, 255] to normalised NHWC floats on the device."""
@@ -266,11 +276,14 @@ def _load_checkpoint(net: nn.Module, path: str) -> None:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """A model's own input pipeline: view size, crop fraction, interpolation, normalisation."""
+    """A model's own eval pipeline: view size, resize (as its library computes it), crop mode,
+    interpolation, normalisation."""
 
     input_size: int = 224
     crop_fraction: float = 1.0
     interpolation: str = "bicubic"
+    resize_size: int = 224
+    crop_mode: str = CENTER
     mean: tuple[float, ...] = TORCHVISION_MEAN
     std: tuple[float, ...] = TORCHVISION_STD
 
@@ -284,38 +297,84 @@ class Network:
     preprocessing: Preprocessing
 
 
-def timm_preprocessing(net: nn.Module) -> Preprocessing:
-    """timm's data config of the model (its pretrained config: size, crop, interpolation)."""
-    from timm.data import resolve_data_config
+def timm_preprocessing(net: nn.Module, input_size: int | None = None) -> Preprocessing:
+    """timm's eval transform of the model (`create_transform(**resolve_data_config(...))`, at
+    `input_size` when given): its sizes, crop mode and interpolation are read off the transform."""
+    from timm.data import create_transform, resolve_data_config
 
-    config = resolve_data_config({}, model=net)
+    size = input_size or int(resolve_data_config({}, model=net)["input_size"][-1])
+    config = resolve_data_config({"input_size": (3, size, size)}, model=net)
+    resize, mode, interpolation = _timm_resize(create_transform(**config), size)
     return Preprocessing(
-        input_size=int(config["input_size"][-1]),
+        input_size=size,
         crop_fraction=float(config.get("crop_pct") or 1.0),
-        interpolation=str(config.get("interpolation") or "bicubic"),
+        interpolation=interpolation,
+        resize_size=resize,
+        crop_mode=mode,
         mean=tuple(float(v) for v in config["mean"]),
         std=tuple(float(v) for v in config["std"]),
     )
 
 
-def torchvision_preprocessing(arch: str, weights: object | None) -> Preprocessing:
-    """The weights' own transforms (the arch's default weights' for random init)."""
+def _timm_resize(transform: object, size: int) -> tuple[int, str, str]:
+    """(resize, crop mode, interpolation) of timm's eval transform: Resize then CenterCrop."""
+    from torchvision import transforms as tv
+
+    steps = list(getattr(transform, "transforms", [transform]))
+    names = [type(step).__name__ for step in steps]
+    kept = [s for s in steps if type(s).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+    if (
+        len(kept) != 2
+        or not isinstance(kept[0], tv.Resize)
+        or not isinstance(kept[1], tv.CenterCrop)
+        or list(kept[1].size) != [size, size]
+    ):
+        raise ConfigError(
+            f"timm's eval transform ({', '.join(names)}) is not a resize and centre crop that "
+            "xai-exp can view; use model.preprocess=square"
+        )
+    resize = kept[0].size
+    if isinstance(resize, int) or len(resize) == 1:
+        shorter, mode = int(resize if isinstance(resize, int) else resize[0]), CENTER
+    elif resize[0] == resize[1]:
+        shorter, mode = int(resize[0]), SQUASH
+    else:
+        raise ConfigError(
+            f"timm's eval resize to {tuple(resize)} is not square; use model.preprocess=square"
+        )
+    return shorter, mode, str(kept[0].interpolation.value)
+
+
+def torchvision_preprocessing(
+    arch: str, weights: object | None, input_size: int | None = None
+) -> Preprocessing:
+    """The weights' own transforms (the arch's default weights' for random init): resize,
+    centre crop, interpolation. At another `input_size` the resize keeps their crop fraction,
+    as timm does: `floor(input_size / crop_fraction)`."""
     import torchvision
 
     if weights is None:
         enum = torchvision.models.get_model_weights(torchvision.models.get_model_builder(arch))
         weights = getattr(enum, "DEFAULT", None)
     transforms = getattr(weights, "transforms", None)
-    if transforms is None:
-        return Preprocessing(crop_fraction=0.875, interpolation="bilinear")
-    pipeline = transforms()
-    crop, resize = int(pipeline.crop_size[0]), int(pipeline.resize_size[0])
+    pipeline = transforms() if transforms is not None else None
+    if pipeline is None or not hasattr(pipeline, "resize_size"):
+        crop, resize, interpolation = 224, 256, "bilinear"
+        mean, std = TORCHVISION_MEAN, TORCHVISION_STD
+    else:
+        crop, resize = int(pipeline.crop_size[0]), int(pipeline.resize_size[0])
+        interpolation = str(pipeline.interpolation.value)
+        mean, std = tuple(pipeline.mean), tuple(pipeline.std)
+    fraction = crop / resize
+    size = input_size or crop
     return Preprocessing(
-        input_size=crop,
-        crop_fraction=crop / resize,
-        interpolation=str(pipeline.interpolation.value),
-        mean=tuple(float(v) for v in pipeline.mean),
-        std=tuple(float(v) for v in pipeline.std),
+        input_size=size,
+        crop_fraction=fraction,
+        interpolation=interpolation,
+        resize_size=resize if size == crop else math.floor(size / fraction),
+        crop_mode=CENTER,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
     )
 
 
@@ -363,7 +422,7 @@ def _timm_net(cfg: ModelConfig) -> Network:
         ) from error
     classes = int(getattr(net, "num_classes", 1000) or 1000)
     labels = imagenet_labels() if classes == 1000 else [f"class {i}" for i in range(classes)]
-    return Network(net, labels, timm_preprocessing(net))
+    return Network(net, labels, timm_preprocessing(net, cfg.input_size))
 
 
 def build_network(cfg: ModelConfig) -> Network:
@@ -374,10 +433,10 @@ def build_network(cfg: ModelConfig) -> Network:
         if cfg.checkpoint:
             raise ConfigError("model.checkpoint is for torchvision models; use model.arch=NAME")
         net = _bundled_efficientnet()
-        return Network(net, imagenet_labels(), timm_preprocessing(net))
+        return Network(net, imagenet_labels(), timm_preprocessing(net, cfg.input_size))
     else:
         net, labels, weights = _torchvision_net(cfg)
-        built = Network(net, labels, torchvision_preprocessing(cfg.arch, weights))
+        built = Network(net, labels, torchvision_preprocessing(cfg.arch, weights, cfg.input_size))
     if cfg.checkpoint:
         _load_checkpoint(built.net, cfg.checkpoint)
     return built
@@ -395,6 +454,8 @@ def prepare_classifier(
     device: str | torch.device = "cpu",
     crop_fraction: float = 1.0,
     interpolation: str = "bicubic",
+    resize_size: int | None = None,
+    crop_mode: str = SQUARE,
 ) -> Classifier:
     """Wrap any network (a tiny test CNN too) into a Classifier.
 
@@ -431,6 +492,8 @@ def prepare_classifier(
         std=tuple(std),
         crop_fraction=crop_fraction,
         interpolation=interpolation,
+        resize_size=resize_size,
+        crop_mode=crop_mode,
         reshape=reshape,
         family=family,
     )
@@ -439,9 +502,9 @@ def prepare_classifier(
 def load_classifier(cfg: ModelConfig, device: str = "auto") -> Classifier:
     """Build the configured model, load its weights and resolve its target layer.
 
-    `model.preprocess=model` views images as the model was trained to see them (its crop
-    fraction and interpolation); `square` keeps the full centre square (bicubic). Mean and std
-    are always the model's own.
+    `model.preprocess=model` views images as the model's own eval transform does, pixel for
+    pixel (timm's or the torchvision weights' resize and centre crop); `square` keeps the full
+    centre square (bicubic). Mean and std are always the model's own.
     """
     built = build_network(cfg)
     own = built.preprocessing
@@ -450,15 +513,17 @@ def load_classifier(cfg: ModelConfig, device: str = "auto") -> Classifier:
         built.net,
         arch=cfg.arch,
         target_layer=cfg.target_layer,
-        input_size=cfg.input_size or own.input_size,
+        input_size=own.input_size,
         labels=built.labels,
         mean=own.mean,
         std=own.std,
         device=resolve_device(device),
         crop_fraction=1.0 if square else own.crop_fraction,
         interpolation="bicubic" if square else own.interpolation,
+        resize_size=own.input_size if square else own.resize_size,
+        crop_mode=SQUARE if square else own.crop_mode,
     )
 
 
 # re-exported: the view belongs to the model, the error to loading it
-__all__ = ["ModelLoadError", "fit_mask_to_input", "fit_to_input"]
+__all__ = ["ModelLoadError", "View", "fit_mask_to_input", "fit_to_input"]

@@ -32,6 +32,7 @@ from xai_exp.metrics import chance_corrected, iou
 from xai_exp.model_facts import DeferredClassifier
 from xai_exp.results import Evidence, ImageResult, Status, computed_metrics
 from xai_exp.threads import cpu_share
+from xai_exp.views import SQUARE
 
 # Modules that import torch are imported where a network runs: a rerun whose explanations
 # are all cached never loads torch (see `model_facts`).
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALGORITHM_VERSION = 1  # bump when a change alters what an explanation computes
+VIEW_VERSION = 2  # of the model's view in cache keys (2: its library's transform, exactly)
 FORWARD_ONLY = ("scorecam",)  # CAM methods whose fast path runs logits-only forward passes
 
 
@@ -198,13 +200,17 @@ class Study:
 
     def _base_key(self, item: ImageItem) -> dict[str, Any]:
         facts = self.facts
-        view = (facts.crop_fraction, facts.interpolation)
+        spec = facts.view_spec
+        view: dict[str, Any] = {}
+        if spec.mode != SQUARE or spec.interpolation != "bicubic":
+            # another view is another explanation (the full bicubic square keeps older keys);
+            # version 2: the model's eval transform pixel for pixel (1 rounded its own way)
+            view = {"view": [spec.mode, spec.resize, spec.interpolation, VIEW_VERSION]}
         return {
             "image": item.content_hash,
             "input_size": facts.input_size,
             "algorithm_version": ALGORITHM_VERSION,
-            # another view is another explanation (the full bicubic square keeps older keys)
-            **({} if view == (1.0, "bicubic") else {"view": view}),
+            **view,
         }
 
     def _cam_map(self, classifier: Classifier, view: np.ndarray, target: int) -> np.ndarray:
