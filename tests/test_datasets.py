@@ -6,7 +6,11 @@ import csv
 import io
 import logging
 import math
+import os
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,9 +208,9 @@ def test_a_huge_sparse_file_is_skipped_without_being_read(tmp_path, monkeypatch)
     with (tmp_path / "huge.png").open("wb") as file:
         file.truncate(30 * 2**30)  # 30 GB, sparse: nothing on disk
     opened: list[str] = []
-    real = data_module._read_bytes
+    real = data_module._open_regular
     monkeypatch.setattr(
-        data_module, "_read_bytes", lambda path, *a: opened.append(path.name) or real(path, *a)
+        data_module, "_open_regular", lambda path: opened.append(path.name) or real(path)
     )
     images = list_folder(tmp_path, max_file_mb=200)
     items = list(images)
@@ -215,6 +219,101 @@ def test_a_huge_sparse_file_is_skipped_without_being_read(tmp_path, monkeypatch)
     [skipped] = images.skipped
     assert Path(skipped.path).name == "huge.png"
     assert "30,720 MB, above data.max_file_mb=200" in skipped.reason
+
+
+# --------------------------------------------------------------------------- data faults (#23)
+
+
+def _skips(images: ImageSet) -> dict[str, str]:
+    return {Path(s.path).name: s.reason for s in images.skipped}
+
+
+def test_a_fifo_named_png_is_skipped_never_opened(tmp_path):
+    _png(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "x.png")  # opening it would wait for a writer forever
+    images = list_folder(tmp_path)
+    assert [item.name for item in images] == ["a.png"]
+    assert _skips(images) == {"x.png": "not a regular file (a named pipe (FIFO)); only regular "
+                              "files are read"}  # fmt: skip
+
+
+def test_a_file_that_turns_into_a_fifo_after_listing_is_refused_at_once(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "x.png")
+    images = list_folder(tmp_path)
+    (tmp_path / "x.png").unlink()
+    os.mkfifo(tmp_path / "x.png")
+    started = time.monotonic()
+    assert [item.name for item in images] == ["a.png"]
+    assert time.monotonic() - started < 10
+    assert "not a regular file (a named pipe (FIFO))" in _skips(images)["x.png"]
+    with pytest.raises(data_module.ImageLoadError, match="not a regular file"):
+        data_module.load_image(tmp_path / "x.png")
+
+
+def test_a_read_that_hangs_is_skipped_after_the_time_bound(tmp_path, monkeypatch):
+    for n in range(4):
+        _png(tmp_path / f"{n}.png", seed=n)
+    hung = threading.Event()
+    real = data_module._load_with_hash
+
+    def load(path, *args):
+        if path.name == "1.png":
+            hung.wait(30)  # a read on a hung network filesystem
+        return real(path, *args)
+
+    monkeypatch.setattr(data_module, "_load_with_hash", load)
+    images = list_folder(tmp_path, read_timeout_s=0.5)
+    started = time.monotonic()
+    try:
+        assert [item.name for item in images] == ["0.png", "2.png", "3.png"]
+    finally:
+        hung.set()
+    assert time.monotonic() - started < 10
+    assert "not read within data.read_timeout_s=0.5 s" in _skips(images)["1.png"]
+
+
+def test_a_process_with_a_read_stuck_for_good_still_exits(tmp_path):
+    # The decode thread is a daemon: a read blocked forever cannot hold the exit (SIGTERM).
+    _png(tmp_path / "a.png")
+    script = (
+        "import sys, threading\n"
+        "from xai_exp import data\n"
+        "data._load_with_hash = lambda *a: threading.Event().wait()\n"
+        "images = data.list_folder(sys.argv[1], read_timeout_s=0.5)\n"
+        "print(len(list(images)), len(images.skipped))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(data_module.__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1"]
+
+
+def test_a_symlink_to_the_root_is_not_walked(tmp_path):
+    folder = tmp_path / "images"
+    _png(folder / "a.png")
+    _png(folder / "cats" / "b.png")
+    (folder / "root").symlink_to("/")
+    (folder / "outside.png").symlink_to(_png(tmp_path / "elsewhere" / "o.png"))
+    (folder / "zlink").symlink_to(folder / "cats")  # inside the folder: followed once
+    started = time.monotonic()
+    images = list_folder(folder)
+    assert time.monotonic() - started < 10
+    assert [f.name for f in images.files] == ["a.png", "cats/b.png"]
+    skips = _skips(images)
+    assert set(skips) == {"root", "outside.png"}
+    assert skips["root"] == (
+        "symlink to /, outside the data folder (not followed; "
+        "data.follow_external_symlinks=true follows it)"
+    )
+    (folder / "root").unlink()
+    followed = list_folder(folder, follow_external_symlinks=True)  # asked for: followed
+    assert [f.name for f in followed.files] == ["a.png", "cats/b.png", "outside.png"]
 
 
 # --------------------------------------------------------------------------- shards
