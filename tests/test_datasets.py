@@ -7,10 +7,12 @@ import io
 import logging
 import math
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +316,92 @@ def test_a_symlink_to_the_root_is_not_walked(tmp_path):
     (folder / "root").unlink()
     followed = list_folder(folder, follow_external_symlinks=True)  # asked for: followed
     assert [f.name for f in followed.files] == ["a.png", "cats/b.png", "outside.png"]
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named_with_escapes(tmp_path):
+    _png(tmp_path / "a.png")
+    bad = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bad\xff.png"))
+    Image.fromarray(smooth_image(16, 3)).save(bad, format="PNG")
+    (Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"notes\xfe.txt")))).write_text("x")
+    images = list_folder(tmp_path)
+    items = list(images)
+    assert [item.name for item in items] == ["a.png", "bad\\xff.png"]
+    assert items[1].source.endswith("bad\\xff.png")
+    assert images.stems == ["a", "bad_xff"]
+    [skipped] = images.skipped
+    assert skipped.path.endswith("notes\\xfe.txt") and "(.txt file;" in skipped.reason
+    for text in (items[1].name, items[1].source, skipped.path, skipped.reason):
+        text.encode("utf-8")  # every name can be written to a CSV, a log line, MLflow
+    assert 0 <= data_module.shard_of(items[1].name, 4) < 4
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header declares width x height pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_above_the_pixel_budget_is_skipped_from_its_header(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "huge.png").write_bytes(_png_declaring(30000, 30000))  # 900 MP, 200 bytes
+    images = list_folder(tmp_path)
+    assert [item.name for item in images] == ["a.png"]
+    reason = _skips(images)["huge.png"]
+    assert reason.startswith("image above the pixel budget data.max_pixels=89,478,485 (not decoded")
+    assert "900000000 pixels" in reason
+    (tmp_path / "huge.png").write_bytes(_png_declaring(10000, 10000))  # 100 MP: our own check
+    budget = list_folder(tmp_path, max_pixels=50_000_000)
+    assert [item.name for item in budget] == ["a.png"]
+    assert _skips(budget)["huge.png"] == (
+        "PNG of 10000x10000 = 100,000,000 pixels, above the pixel budget "
+        "data.max_pixels=50,000,000 (not decoded)"
+    )
+    lowered = list_folder(tmp_path, max_pixels=100)  # 16x16 = 256 pixels
+    assert list(lowered) == []
+    assert "above the pixel budget data.max_pixels=100" in _skips(lowered)["a.png"]
+
+
+PEAK_RSS = (
+    "import sys\n"
+    "from xai_exp import data\n"
+    "images = data.list_folder(sys.argv[1], max_file_mb=float(sys.argv[2]))\n"
+    "names = [item.name for item in images]\n"
+    "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"  # ru_maxrss survives exec
+    "peak = int(status.split()[0]) // 1024\n"
+    "print(peak, names, [s.reason for s in images.skipped])\n"
+)
+
+
+def _peak_rss_mb(folder: Path, max_file_mb: float = 200) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(folder), str(max_file_mb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(data_module.__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    peak, rest = done.stdout.split(" ", 1)
+    return int(peak), rest
+
+
+def test_a_huge_file_that_max_file_mb_allows_costs_no_memory(tmp_path):
+    _png(tmp_path / "a.png")
+    with (tmp_path / "big.png").open("wb") as file:  # a small PNG, then 1 GB of (sparse) zeros
+        file.write((tmp_path / "a.png").read_bytes())
+        file.truncate(2**30)
+    peak, shown = _peak_rss_mb(tmp_path, max_file_mb=10**6)
+    assert shown.startswith("['a.png', 'big.png'] []")
+    assert peak < 400, f"peak RSS {peak} MB"  # streamed: the file is never held whole
 
 
 # --------------------------------------------------------------------------- shards

@@ -225,7 +225,9 @@ def _decode(
     fmt = "image"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # the pixel budget below replaces Pillow's warning; its hard limit (twice its
+            # MAX_IMAGE_PIXELS) still raises DecompressionBombError at open
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source, formats=_ALLOWED_FORMATS) as img:
                 fmt = img.format or fmt
                 width, height = img.size
@@ -250,8 +252,12 @@ def _decode(
                 array = np.array(rgb, dtype=np.uint8)  # a writable copy
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _load_error(path, f"image too large, possible decompression bomb ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise _load_error(
+            path,
+            f"{fmt} above the pixel budget data.max_pixels={_pixel_limit(max_pixels):,} "
+            f"(not decoded; Pillow: {exc})",
+        ) from None
     except UnidentifiedImageError:
         raise _load_error(path, "not a recognised image file (cannot identify format)") from None
     except MemoryError:
