@@ -329,7 +329,8 @@ def test_a_file_name_that_is_not_utf8_is_read_and_named_with_escapes(tmp_path):
     assert items[1].source.endswith("bad\\xff.png")
     assert images.stems == ["a", "bad_xff"]
     [skipped] = images.skipped
-    assert skipped.path.endswith("notes\\xfe.txt") and "(.txt file;" in skipped.reason
+    assert skipped.path.endswith("notes\\xfe.txt")
+    assert "(.txt file;" in skipped.reason
     for text in (items[1].name, items[1].source, skipped.path, skipped.reason):
         text.encode("utf-8")  # every name can be written to a CSV, a log line, MLflow
     assert 0 <= data_module.shard_of(items[1].name, 4) < 4
@@ -373,7 +374,8 @@ def test_an_image_above_the_pixel_budget_is_skipped_from_its_header(tmp_path):
 PEAK_RSS = (
     "import sys\n"
     "from xai_exp import data\n"
-    "images = data.list_folder(sys.argv[1], max_file_mb=float(sys.argv[2]))\n"
+    "budget = int(sys.argv[3]) if len(sys.argv) > 3 else 89_478_485\n"
+    "images = data.list_folder(sys.argv[1], max_file_mb=float(sys.argv[2]), max_pixels=budget)\n"
     "names = [item.name for item in images]\n"
     "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"  # ru_maxrss survives exec
     "peak = int(status.split()[0]) // 1024\n"
@@ -381,9 +383,9 @@ PEAK_RSS = (
 )
 
 
-def _peak_rss_mb(folder: Path, max_file_mb: float = 200) -> tuple[int, str]:
+def _peak_rss_mb(folder: Path, max_file_mb: float = 200, *budget: int) -> tuple[int, str]:
     done = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, str(folder), str(max_file_mb)],
+        [sys.executable, "-c", PEAK_RSS, str(folder), str(max_file_mb), *map(str, budget)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -402,6 +404,69 @@ def test_a_huge_file_that_max_file_mb_allows_costs_no_memory(tmp_path):
     peak, shown = _peak_rss_mb(tmp_path, max_file_mb=10**6)
     assert shown.startswith("['a.png', 'big.png'] []")
     assert peak < 400, f"peak RSS {peak} MB"  # streamed: the file is never held whole
+
+
+def _float_tiff_of_zeros(path: Path, width: int, height: int, rows: int = 64) -> Path:
+    """A deflate-compressed float32 TIFF of zeros, written without holding its pixels."""
+    strips = -(-height // rows)
+    strip = zlib.compress(bytes(rows * width * 4), 9)  # every strip the same (the last longer)
+    entries = [  # tag, type (3 SHORT, 4 LONG), count, value or offset
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 32),
+        (259, 3, 1, 8),  # deflate
+        (262, 3, 1, 1),
+        (273, 4, strips, 0),  # strip offsets: patched below
+        (277, 3, 1, 1),
+        (278, 4, 1, rows),
+        (279, 4, strips, 0),  # strip byte counts
+        (339, 3, 1, 3),  # IEEE float
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    offsets_at = 8 + ifd_size
+    counts_at = offsets_at + 4 * strips
+    data_at = counts_at + 4 * strips
+    values = {273: offsets_at, 279: counts_at}
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        packed = struct.pack(
+            "<I" if kind == 4 else "<HH", values.get(tag, value), *([] if kind == 4 else [0])
+        )
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0)
+    offsets = struct.pack(f"<{strips}I", *(data_at + n * len(strip) for n in range(strips)))
+    counts = struct.pack(f"<{strips}I", *([len(strip)] * strips))
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + offsets + counts + strip * strips)
+    return path
+
+
+def test_a_big_float_tiff_decodes_within_its_pixel_budget(tmp_path):
+    _png(tmp_path / "a.png")
+    tiff = _float_tiff_of_zeros(tmp_path / "big.tif", 9400, 9400)  # 88 MP, 353 MB as float32
+    assert tiff.stat().st_size < 2 * 2**20  # small on disk
+    with Image.open(tiff) as img:
+        assert (img.mode, img.size) == ("F", (9400, 9400))
+    peak, shown = _peak_rss_mb(tmp_path)  # allowed by the default budget: decoded, shrunk
+    assert shown.startswith("['a.png', 'big.tif'] []")
+    assert peak < 800, f"peak RSS {peak} MB"  # the float32 pixels once (~515), not 3.9 GB
+    peak, shown = _peak_rss_mb(tmp_path, 200, 50_000_000)  # above a lowered budget: skipped
+    assert shown.startswith("['a.png'] ['TIFF of 9400x9400 = 88,360,000 pixels, above")
+    assert peak < 200, f"peak RSS {peak} MB"
+
+
+def test_a_deep_image_is_shrunk_before_scaling_and_keeps_its_scaling(tmp_path):
+    values = np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (100, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)  # I;16, 300x100
+    small = data_module.load_image(path, max_side=100)
+    assert small.shape == (34, 100, 3)
+    assert small[:, 0].max() <= 3
+    assert small[:, -1].min() >= 250
+    floats = tmp_path / "f.tif"
+    Image.fromarray(np.tile(np.linspace(0, 1, 300, dtype=np.float32), (100, 1))).save(floats)
+    shrunk = data_module.load_image(floats, max_side=100)
+    assert shrunk.shape == (34, 100, 3)
+    assert shrunk[0, -1, 0] >= 250
 
 
 # --------------------------------------------------------------------------- shards

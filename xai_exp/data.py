@@ -190,9 +190,13 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
-    mode = img.mode
+def _to_rgb(img: Image.Image, mode: str | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white.
+
+    `mode` is the mode the file was decoded in, when `img` was converted since (16-bit data
+    widened to ``I`` keeps the 16-bit scaling).
+    """
+    mode = mode or img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I") or mode == "F":
@@ -245,8 +249,9 @@ def _decode(
                     scale = max_side / max(width, height)
                     img.draft(img.mode, (max(1, int(width * scale)), max(1, int(height * scale))))
                 img.load()  # full decode now, so truncated files fail here
-                oriented = _exif_transpose(img)
-                rgb = _to_rgb(oriented)
+                mode = img.mode
+                oriented = _shrink_deep(img, max_side) or _exif_transpose(img)
+                rgb = _to_rgb(oriented, mode)
                 if max(rgb.size) > max_side:
                     rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
                 array = np.array(rgb, dtype=np.uint8)  # a writable copy
@@ -272,6 +277,36 @@ def _decode(
     if array.ndim != 3 or array.shape[2] != 3:
         raise _load_error(path, f"unexpected decoded shape {array.shape}")
     return array
+
+
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _shrink_deep(img: Image.Image, max_side: int) -> Image.Image | None:
+    """A 16/32-bit or float image above `max_side`, box-reduced in Pillow to at most
+    `max_side` and turned by its EXIF orientation; None for any other image.
+
+    Such pixels are rescaled to 8 bits in numpy (float64 temporaries): reducing first keeps
+    that work, and the peak memory, to the output's size instead of the file's.
+    """
+    if not (img.mode.startswith("I") or img.mode == "F") or max(img.size) <= max_side:
+        return None
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - broken EXIF: keep the image as stored
+        orientation = None
+    work = img.convert("I") if img.mode.startswith("I;16") else img  # reduce needs I or F
+    reduced = work.reduce(-(-max(img.size) // max_side))
+    turn = _TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
+    return reduced.transpose(turn) if turn is not None else reduced
 
 
 def _exif_transpose(img: Image.Image) -> Image.Image:
