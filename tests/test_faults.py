@@ -557,3 +557,20 @@ def test_a_full_output_folder_costs_the_files_not_the_study(tmp_path, monkeypatc
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "No space left on device" in warnings[0].getMessage()
+
+
+def test_an_output_folder_under_a_file_is_one_line_and_exit_code_2(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    done = subprocess.run(
+        study_command(tmp_path, *TINY_STUDY, f"hydra.run.dir={blocker}/run"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"xai-exp: cannot write the output folder {blocker}/run (hydra.run.dir): Not a directory; "
+        "set hydra.run.dir=PATH to a writable folder"
+    )
