@@ -6,7 +6,13 @@ import csv
 import io
 import logging
 import math
+import os
+import struct
 import subprocess
+import sys
+import threading
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -204,9 +210,9 @@ def test_a_huge_sparse_file_is_skipped_without_being_read(tmp_path, monkeypatch)
     with (tmp_path / "huge.png").open("wb") as file:
         file.truncate(30 * 2**30)  # 30 GB, sparse: nothing on disk
     opened: list[str] = []
-    real = data_module._read_bytes
+    real = data_module._open_regular
     monkeypatch.setattr(
-        data_module, "_read_bytes", lambda path, *a: opened.append(path.name) or real(path, *a)
+        data_module, "_open_regular", lambda path: opened.append(path.name) or real(path)
     )
     images = list_folder(tmp_path, max_file_mb=200)
     items = list(images)
@@ -215,6 +221,252 @@ def test_a_huge_sparse_file_is_skipped_without_being_read(tmp_path, monkeypatch)
     [skipped] = images.skipped
     assert Path(skipped.path).name == "huge.png"
     assert "30,720 MB, above data.max_file_mb=200" in skipped.reason
+
+
+# --------------------------------------------------------------------------- data faults (#23)
+
+
+def _skips(images: ImageSet) -> dict[str, str]:
+    return {Path(s.path).name: s.reason for s in images.skipped}
+
+
+def test_a_fifo_named_png_is_skipped_never_opened(tmp_path):
+    _png(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "x.png")  # opening it would wait for a writer forever
+    images = list_folder(tmp_path)
+    assert [item.name for item in images] == ["a.png"]
+    assert _skips(images) == {"x.png": "not a regular file (a named pipe (FIFO)); only regular "
+                              "files are read"}  # fmt: skip
+
+
+def test_a_file_that_turns_into_a_fifo_after_listing_is_refused_at_once(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "x.png")
+    images = list_folder(tmp_path)
+    (tmp_path / "x.png").unlink()
+    os.mkfifo(tmp_path / "x.png")
+    started = time.monotonic()
+    assert [item.name for item in images] == ["a.png"]
+    assert time.monotonic() - started < 10
+    assert "not a regular file (a named pipe (FIFO))" in _skips(images)["x.png"]
+    with pytest.raises(data_module.ImageLoadError, match="not a regular file"):
+        data_module.load_image(tmp_path / "x.png")
+
+
+def test_a_read_that_hangs_is_skipped_after_the_time_bound(tmp_path, monkeypatch):
+    for n in range(4):
+        _png(tmp_path / f"{n}.png", seed=n)
+    hung = threading.Event()
+    real = data_module._load_with_hash
+
+    def load(path, *args):
+        if path.name == "1.png":
+            hung.wait(30)  # a read on a hung network filesystem
+        return real(path, *args)
+
+    monkeypatch.setattr(data_module, "_load_with_hash", load)
+    images = list_folder(tmp_path, read_timeout_s=0.5)
+    started = time.monotonic()
+    try:
+        assert [item.name for item in images] == ["0.png", "2.png", "3.png"]
+    finally:
+        hung.set()
+    assert time.monotonic() - started < 10
+    assert "not read within data.read_timeout_s=0.5 s" in _skips(images)["1.png"]
+
+
+def test_a_process_with_a_read_stuck_for_good_still_exits(tmp_path):
+    # The decode thread is a daemon: a read blocked forever cannot hold the exit (SIGTERM).
+    _png(tmp_path / "a.png")
+    script = (
+        "import sys, threading\n"
+        "from xai_exp import data\n"
+        "data._load_with_hash = lambda *a: threading.Event().wait()\n"
+        "images = data.list_folder(sys.argv[1], read_timeout_s=0.5)\n"
+        "print(len(list(images)), len(images.skipped))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(data_module.__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1"]
+
+
+def test_a_symlink_to_the_root_is_not_walked(tmp_path):
+    folder = tmp_path / "images"
+    _png(folder / "a.png")
+    _png(folder / "cats" / "b.png")
+    (folder / "root").symlink_to("/")
+    (folder / "outside.png").symlink_to(_png(tmp_path / "elsewhere" / "o.png"))
+    (folder / "zlink").symlink_to(folder / "cats")  # inside the folder: followed once
+    started = time.monotonic()
+    images = list_folder(folder)
+    assert time.monotonic() - started < 10
+    assert [f.name for f in images.files] == ["a.png", "cats/b.png"]
+    skips = _skips(images)
+    assert set(skips) == {"root", "outside.png"}
+    assert skips["root"] == (
+        "symlink to /, outside the data folder (not followed; "
+        "data.follow_external_symlinks=true follows it)"
+    )
+    (folder / "root").unlink()
+    followed = list_folder(folder, follow_external_symlinks=True)  # asked for: followed
+    assert [f.name for f in followed.files] == ["a.png", "cats/b.png", "outside.png"]
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named_with_escapes(tmp_path):
+    _png(tmp_path / "a.png")
+    bad = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bad\xff.png"))
+    Image.fromarray(smooth_image(16, 3)).save(bad, format="PNG")
+    (Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"notes\xfe.txt")))).write_text("x")
+    images = list_folder(tmp_path)
+    items = list(images)
+    assert [item.name for item in items] == ["a.png", "bad\\xff.png"]
+    assert items[1].source.endswith("bad\\xff.png")
+    assert images.stems == ["a", "bad_xff"]
+    [skipped] = images.skipped
+    assert skipped.path.endswith("notes\\xfe.txt")
+    assert "(.txt file;" in skipped.reason
+    for text in (items[1].name, items[1].source, skipped.path, skipped.reason):
+        text.encode("utf-8")  # every name can be written to a CSV, a log line, MLflow
+    assert 0 <= data_module.shard_of(items[1].name, 4) < 4
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header declares width x height pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 64)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_above_the_pixel_budget_is_skipped_from_its_header(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "huge.png").write_bytes(_png_declaring(30000, 30000))  # 900 MP, 200 bytes
+    images = list_folder(tmp_path)
+    assert [item.name for item in images] == ["a.png"]
+    reason = _skips(images)["huge.png"]
+    assert reason.startswith("image above the pixel budget data.max_pixels=89,478,485 (not decoded")
+    assert "900000000 pixels" in reason
+    (tmp_path / "huge.png").write_bytes(_png_declaring(10000, 10000))  # 100 MP: our own check
+    budget = list_folder(tmp_path, max_pixels=50_000_000)
+    assert [item.name for item in budget] == ["a.png"]
+    assert _skips(budget)["huge.png"] == (
+        "PNG of 10000x10000 = 100,000,000 pixels, above the pixel budget "
+        "data.max_pixels=50,000,000 (not decoded)"
+    )
+    lowered = list_folder(tmp_path, max_pixels=100)  # 16x16 = 256 pixels
+    assert list(lowered) == []
+    assert "above the pixel budget data.max_pixels=100" in _skips(lowered)["a.png"]
+
+
+PEAK_RSS = (
+    "import sys\n"
+    "from xai_exp import data\n"
+    "budget = int(sys.argv[3]) if len(sys.argv) > 3 else 89_478_485\n"
+    "images = data.list_folder(sys.argv[1], max_file_mb=float(sys.argv[2]), max_pixels=budget)\n"
+    "names = [item.name for item in images]\n"
+    "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"  # ru_maxrss survives exec
+    "peak = int(status.split()[0]) // 1024\n"
+    "print(peak, names, [s.reason for s in images.skipped])\n"
+)
+
+
+def _peak_rss_mb(folder: Path, max_file_mb: float = 200, *budget: int) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(folder), str(max_file_mb), *map(str, budget)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(data_module.__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    peak, rest = done.stdout.split(" ", 1)
+    return int(peak), rest
+
+
+def test_a_huge_file_that_max_file_mb_allows_costs_no_memory(tmp_path):
+    _png(tmp_path / "a.png")
+    with (tmp_path / "big.png").open("wb") as file:  # a small PNG, then 1 GB of (sparse) zeros
+        file.write((tmp_path / "a.png").read_bytes())
+        file.truncate(2**30)
+    peak, shown = _peak_rss_mb(tmp_path, max_file_mb=10**6)
+    assert shown.startswith("['a.png', 'big.png'] []")
+    assert peak < 400, f"peak RSS {peak} MB"  # streamed: the file is never held whole
+
+
+def _float_tiff_of_zeros(path: Path, width: int, height: int, rows: int = 64) -> Path:
+    """A deflate-compressed float32 TIFF of zeros, written without holding its pixels."""
+    strips = -(-height // rows)
+    strip = zlib.compress(bytes(rows * width * 4), 9)  # every strip the same (the last longer)
+    entries = [  # tag, type (3 SHORT, 4 LONG), count, value or offset
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 32),
+        (259, 3, 1, 8),  # deflate
+        (262, 3, 1, 1),
+        (273, 4, strips, 0),  # strip offsets: patched below
+        (277, 3, 1, 1),
+        (278, 4, 1, rows),
+        (279, 4, strips, 0),  # strip byte counts
+        (339, 3, 1, 3),  # IEEE float
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    offsets_at = 8 + ifd_size
+    counts_at = offsets_at + 4 * strips
+    data_at = counts_at + 4 * strips
+    values = {273: offsets_at, 279: counts_at}
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        packed = struct.pack(
+            "<I" if kind == 4 else "<HH", values.get(tag, value), *([] if kind == 4 else [0])
+        )
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0)
+    offsets = struct.pack(f"<{strips}I", *(data_at + n * len(strip) for n in range(strips)))
+    counts = struct.pack(f"<{strips}I", *([len(strip)] * strips))
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + offsets + counts + strip * strips)
+    return path
+
+
+def test_a_big_float_tiff_decodes_within_its_pixel_budget(tmp_path):
+    _png(tmp_path / "a.png")
+    tiff = _float_tiff_of_zeros(tmp_path / "big.tif", 9400, 9400)  # 88 MP, 353 MB as float32
+    assert tiff.stat().st_size < 2 * 2**20  # small on disk
+    with Image.open(tiff) as img:
+        assert (img.mode, img.size) == ("F", (9400, 9400))
+    peak, shown = _peak_rss_mb(tmp_path)  # allowed by the default budget: decoded, shrunk
+    assert shown.startswith("['a.png', 'big.tif'] []")
+    assert peak < 800, f"peak RSS {peak} MB"  # the float32 pixels once (~515), not 3.9 GB
+    peak, shown = _peak_rss_mb(tmp_path, 200, 50_000_000)  # above a lowered budget: skipped
+    assert shown.startswith("['a.png'] ['TIFF of 9400x9400 = 88,360,000 pixels, above")
+    assert peak < 200, f"peak RSS {peak} MB"
+
+
+def test_a_deep_image_is_shrunk_before_scaling_and_keeps_its_scaling(tmp_path):
+    values = np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (100, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)  # I;16, 300x100
+    small = data_module.load_image(path, max_side=100)
+    assert small.shape == (34, 100, 3)
+    assert small[:, 0].max() <= 3
+    assert small[:, -1].min() >= 250
+    floats = tmp_path / "f.tif"
+    Image.fromarray(np.tile(np.linspace(0, 1, 300, dtype=np.float32), (100, 1))).save(floats)
+    shrunk = data_module.load_image(floats, max_side=100)
+    assert shrunk.shape == (34, 100, 3)
+    assert shrunk[0, -1, 0] >= 250
 
 
 # --------------------------------------------------------------------------- shards

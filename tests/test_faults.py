@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -518,3 +519,58 @@ def test_a_signal_between_jobs_waits_for_the_next_job_and_interrupts_inside_one(
         signals.raise_pending()  # nothing left over
     finally:
         restore_default_signals()
+
+
+# --------------------------------------------------------------------------- a full output folder
+
+
+def test_a_full_output_folder_costs_the_files_not_the_study(tmp_path, monkeypatch, caplog):
+    from conftest import drawn_result
+
+    from xai_exp.outputs import write_run_files
+
+    (tmp_path / "results.csv").symlink_to("/dev/full")  # every write: ENOSPC from the kernel
+    real_save = plots.save_figure
+
+    def save(figure, path, dpi=plots.DPI):
+        if path.stem == "b":  # the disk fills up at one overlay only
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(figure, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    seen: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="xai_exp"):
+        writer = ResultsWriter(tmp_path, "gradcam", on_image=lambda i, r: seen.append(i))
+        for index, stem in enumerate("abc"):
+            result = drawn_result(0.2 + index / 10)
+            result.name = result.artifact_stem = stem
+            writer(index, result)
+        files = write_run_files(writer, {}, {"mean_iou": 0.3}, [])
+    assert seen == [0, 1, 2]  # every image went on to MLflow
+    assert [r.name for r in writer.results] == ["a", "b", "c"]
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["a.png", "c.png"]
+    assert tmp_path / "results.csv" not in files
+    assert (tmp_path / "summary.json") in files
+    assert writer.unwritten_line() == (
+        f"could not write 2 file(s) in {tmp_path}: results.csv (3 rows missing), overlays/b.png"
+    )
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "No space left on device" in warnings[0].getMessage()
+
+
+def test_an_output_folder_under_a_file_is_one_line_and_exit_code_2(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    done = subprocess.run(
+        study_command(tmp_path, *TINY_STUDY, f"hydra.run.dir={blocker}/run"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"xai-exp: cannot write the output folder {blocker}/run (hydra.run.dir): Not a directory; "
+        "set hydra.run.dir=PATH to a writable folder"
+    )

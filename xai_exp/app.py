@@ -8,6 +8,7 @@ as ``xai_exp/conf`` when installed.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +41,38 @@ def config_dir() -> Path:
 
 class JobError(CompactHydraException):
     """A user-facing failure: Hydra prints its message alone, without a traceback."""
+
+
+def output_dir_problem(directory: str, key: str) -> str | None:
+    """Why the run's output folder cannot be created or written (one line), or None."""
+    folder = Path(directory)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # Hydra creates it next, at the same path
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return (
+            f"cannot write the output folder {folder} ({key}): {error.strerror or error}; "
+            f"set {key}=PATH to a writable folder"
+        )
+    return None
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: an output folder that cannot be written is one line, exit code 2,
+    before Hydra's own mkdir would fail with a traceback."""
+
+    def _check(self, directory: str, key: str) -> None:
+        problem = output_dir_problem(directory, key)
+        if problem is not None:
+            print(f"xai-exp: {problem}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
 def register_configs() -> None:

@@ -40,6 +40,11 @@ class DataConfig:
     recursive: bool = True
     manifest: str | None = None
     max_file_mb: float = 200.0
+    # the pixel budget: a larger image is skipped from its header, never decoded (Pillow's own
+    # default limit, 89.5 MP); allowed ones are decoded with memory bounded by it
+    max_pixels: int = 89_478_485
+    read_timeout_s: float | None = 60.0  # one file's read + decode; null: no bound
+    follow_external_symlinks: bool = False  # symlinks resolving outside data.dir are skipped
     num_shards: int = 1
     shard: int = 0
     # ground truth: a folder of object masks (by image stem), or boxes (a CSV, or ImageNet XML)
@@ -326,6 +331,11 @@ def validate(cfg: StudyConfig) -> None:
     data = cfg.data
     _check(data.limit is None or data.limit >= 1, f"data.limit={data.limit} must be >= 1")
     _check(data.max_file_mb > 0, f"data.max_file_mb={data.max_file_mb} must be > 0")
+    _check(data.max_pixels >= 1, f"data.max_pixels={data.max_pixels} must be >= 1")
+    _check(
+        data.read_timeout_s is None or data.read_timeout_s > 0,
+        f"data.read_timeout_s={data.read_timeout_s} must be > 0 seconds (null: no bound)",
+    )
     _check(data.num_shards >= 1, f"data.num_shards={data.num_shards} must be >= 1")
     _check(
         0 <= data.shard < data.num_shards,
@@ -358,7 +368,14 @@ def validate(cfg: StudyConfig) -> None:
 # Keys that the composed config ignores under a condition: (keys, ignored when, how to fix).
 IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], ...] = (
     (
-        ("data.recursive", "data.manifest", "data.max_file_mb", "data.masks_dir", "data.boxes"),
+        (
+            "data.recursive",
+            "data.manifest",
+            "data.max_file_mb",
+            "data.follow_external_symlinks",
+            "data.masks_dir",
+            "data.boxes",
+        ),
         lambda cfg: cfg.data.source != "folder",
         "the bundled photos are used; add data.dir=PATH",
     ),

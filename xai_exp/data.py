@@ -15,15 +15,18 @@ import importlib.util
 import io
 import itertools
 import os
+import queue
 import re
+import stat
+import threading
 import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,6 +42,8 @@ MAX_SIDE = 2048  # images larger than this on their longest side are downscaled 
 _ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "TIFF")  # JPEG covers MPO
 # Used when Image.MAX_IMAGE_PIXELS has been disabled (set to None) by someone else.
 _FALLBACK_MAX_PIXELS = 89_478_485
+READ_TIMEOUT_S = 60.0  # a file not read and decoded within this is skipped (data.read_timeout_s)
+_CHUNK = 2**20
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _MAX_STEM_LEN = 100
 _MAX_REASON_LEN = 200
@@ -103,7 +108,58 @@ def _one_line(text: str) -> str:
 
 def _load_error(path: Path, reason: str) -> ImageLoadError:
     reason = _one_line(reason)
-    return ImageLoadError(f"cannot load image {path}: {reason}", path=str(path), reason=reason)
+    shown = display_path(path)
+    return ImageLoadError(f"cannot load image {shown}: {reason}", path=shown, reason=reason)
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as text that any output can hold: bytes that are not UTF-8 in a file name
+    (Python keeps them as lone surrogates) are shown as ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this mode is not read (only regular files are), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return f"not a regular file ({kind}); only regular files are read"
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """The file opened for reading, refused unless it is a regular file.
+
+    It is opened without blocking, so a FIFO (which would wait for a writer forever) or a
+    device is refused at once, then read normally.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise _load_error(path, "file not found") from None
+    except IsADirectoryError:
+        raise _load_error(path, "is a directory, not a file") from None
+    except PermissionError:
+        raise _load_error(path, "permission denied") from None
+    except OSError as exc:
+        raise _load_error(path, f"cannot open file ({exc.strerror or exc})") from None
+    try:
+        problem = _not_regular(os.fstat(fd).st_mode)
+        if problem is not None:
+            raise _load_error(path, problem)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_max_side(max_side: int) -> None:
@@ -134,9 +190,13 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
-    mode = img.mode
+def _to_rgb(img: Image.Image, mode: str | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white.
+
+    `mode` is the mode the file was decoded in, when `img` was converted since (16-bit data
+    widened to ``I`` keeps the 16-bit scaling).
+    """
+    mode = mode or img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I") or mode == "F":
@@ -150,21 +210,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode(data: bytes, path: Path, max_side: int) -> np.ndarray:
-    """Decode file bytes into an HxWx3 uint8 array; raises ImageLoadError on any failure."""
-    if not data:
+def _pixel_limit(max_pixels: int | None) -> int:
+    """The pixel budget: `max_pixels`, else Pillow's (its fallback when disabled)."""
+    return max_pixels or Image.MAX_IMAGE_PIXELS or _FALLBACK_MAX_PIXELS
+
+
+def _decode(
+    data: bytes | IO[bytes], path: Path, max_side: int, max_pixels: int | None = None
+) -> np.ndarray:
+    """Decode file bytes (or an open file) into an HxWx3 uint8 array; raises ImageLoadError.
+
+    The header's size is checked against the pixel budget (`max_pixels`) before any pixel is
+    decoded.
+    """
+    if isinstance(data, bytes) and not data:
         raise _load_error(path, "empty file")
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
     fmt = "image"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as img:
+            # the pixel budget below replaces Pillow's warning; its hard limit (twice its
+            # MAX_IMAGE_PIXELS) still raises DecompressionBombError at open
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source, formats=_ALLOWED_FORMATS) as img:
                 fmt = img.format or fmt
                 width, height = img.size
-                limit = Image.MAX_IMAGE_PIXELS or _FALLBACK_MAX_PIXELS
+                limit = _pixel_limit(max_pixels)
                 if width * height > limit:
-                    raise Image.DecompressionBombError(
-                        f"{width}x{height} = {width * height} pixels exceeds the limit of {limit}"
+                    raise _load_error(
+                        path,
+                        f"{fmt} of {width}x{height} = {width * height:,} pixels, above the "
+                        f"pixel budget data.max_pixels={limit:,} (not decoded)",
                     )
                 if width < 1 or height < 1:
                     raise _load_error(path, f"{fmt} has no pixels ({width}x{height})")
@@ -173,15 +249,20 @@ def _decode(data: bytes, path: Path, max_side: int) -> np.ndarray:
                     scale = max_side / max(width, height)
                     img.draft(img.mode, (max(1, int(width * scale)), max(1, int(height * scale))))
                 img.load()  # full decode now, so truncated files fail here
-                oriented = _exif_transpose(img)
-                rgb = _to_rgb(oriented)
+                mode = img.mode
+                oriented = _shrink_deep(img, max_side) or _exif_transpose(img)
+                rgb = _to_rgb(oriented, mode)
                 if max(rgb.size) > max_side:
                     rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
                 array = np.array(rgb, dtype=np.uint8)  # a writable copy
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _load_error(path, f"image too large, possible decompression bomb ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise _load_error(
+            path,
+            f"{fmt} above the pixel budget data.max_pixels={_pixel_limit(max_pixels):,} "
+            f"(not decoded; Pillow: {exc})",
+        ) from None
     except UnidentifiedImageError:
         raise _load_error(path, "not a recognised image file (cannot identify format)") from None
     except MemoryError:
@@ -198,6 +279,36 @@ def _decode(data: bytes, path: Path, max_side: int) -> np.ndarray:
     return array
 
 
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _shrink_deep(img: Image.Image, max_side: int) -> Image.Image | None:
+    """A 16/32-bit or float image above `max_side`, box-reduced in Pillow to at most
+    `max_side` and turned by its EXIF orientation; None for any other image.
+
+    Such pixels are rescaled to 8 bits in numpy (float64 temporaries): reducing first keeps
+    that work, and the peak memory, to the output's size instead of the file's.
+    """
+    if not (img.mode.startswith("I") or img.mode == "F") or max(img.size) <= max_side:
+        return None
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - broken EXIF: keep the image as stored
+        orientation = None
+    work = img.convert("I") if img.mode.startswith("I;16") else img  # reduce needs I or F
+    reduced = work.reduce(-(-max(img.size) // max_side))
+    turn = _TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
+    return reduced.transpose(turn) if turn is not None else reduced
+
+
 def _exif_transpose(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; malformed EXIF data leaves the image as stored."""
     try:
@@ -208,27 +319,49 @@ def _exif_transpose(img: Image.Image) -> Image.Image:
 
 def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
     """The file's bytes; a file longer than `max_bytes` is refused after reading that many."""
+    with _open_regular(path) as file:
+        data = _read_into(file, path, max_bytes, None)
+    return data
+
+
+def _read_into(file: IO[bytes], path: Path, max_bytes: int | None, digest: Any | None) -> bytes:
+    """Read `file` in chunks: into `digest` when given (nothing kept), else returned whole."""
+    kept: list[bytes] = []
+    total = 0
     try:
-        with path.open("rb") as file:
-            data = file.read() if max_bytes is None else file.read(max_bytes + 1)
-        if max_bytes is not None and len(data) > max_bytes:
-            raise _load_error(path, f"file is larger than {max_bytes / 2**20:g} MB")
-        return data
-    except FileNotFoundError:
-        raise _load_error(path, "file not found") from None
-    except IsADirectoryError:
-        raise _load_error(path, "is a directory, not a file") from None
-    except PermissionError:
-        raise _load_error(path, "permission denied") from None
+        while chunk := file.read(_CHUNK):
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise _load_error(path, f"file is larger than {max_bytes / 2**20:g} MB")
+            if digest is None:
+                kept.append(chunk)
+            else:
+                digest.update(chunk)
     except OSError as exc:
         raise _load_error(path, f"cannot read file ({exc.strerror or exc})") from None
+    except MemoryError:
+        raise _load_error(path, f"out of memory reading {total / 2**20:,.0f} MB") from None
+    if total == 0:
+        raise _load_error(path, "empty file")
+    return b"".join(kept)
 
 
 def _load_with_hash(
-    path: Path, max_side: int, max_bytes: int | None = None
+    path: Path, max_side: int, max_bytes: int | None = None, max_pixels: int | None = None
 ) -> tuple[np.ndarray, str]:
-    data = _read_bytes(path, max_bytes)
-    return _decode(data, path, max_side), hashlib.sha256(data).hexdigest()
+    """The decoded image and the SHA-256 of the file, reading the file as a stream.
+
+    The file is hashed chunk by chunk and then decoded from disk, so memory holds the decoded
+    pixels (bounded by the pixel budget), never the whole file: a huge file costs time only.
+    """
+    digest = hashlib.sha256()
+    with _open_regular(path) as file:
+        _read_into(file, path, max_bytes, digest)
+        try:
+            file.seek(0)
+        except OSError as exc:
+            raise _load_error(path, f"cannot read file ({exc.strerror or exc})") from None
+        return _decode(file, path, max_side, max_pixels), digest.hexdigest()
 
 
 def load_image(path: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -342,10 +475,14 @@ class ImageSet:
         max_bytes: int | None = None,
         prefetch: int = 2,
         label_conflicts: Sequence[str] = (),
+        max_pixels: int | None = None,
+        read_timeout_s: float | None = READ_TIMEOUT_S,
     ) -> None:
         self.files = list(files)
         self.skipped = list(skipped)
         self.max_bytes = max_bytes
+        self.max_pixels = max_pixels  # the pixel budget (None: Pillow's)
+        self.read_timeout_s = read_timeout_s  # per file; None waits as long as a read takes
         self.prefetch = prefetch
         self.label_conflicts = list(label_conflicts)  # files whose manifest label lost
         self.stems = _unique_stems([file.name for file in self.files])
@@ -367,34 +504,48 @@ class ImageSet:
     def _load(self, index: int) -> tuple[ImageItem | SkippedFile, SkippedFile | None]:
         """The decoded image (or why not), and why its annotation is unusable (None if it is)."""
         file = self.files[index]
+        shown = display_path(file.path)
         try:
-            image, digest = _load_with_hash(file.path, MAX_SIDE, self.max_bytes)
+            image, digest = _load_with_hash(file.path, MAX_SIDE, self.max_bytes, self.max_pixels)
         except ImageLoadError as exc:
-            return SkippedFile(str(file.path), exc.reason), None
+            return SkippedFile(shown, exc.reason), None
         mask, problem = None, None
         if self.annotate is not None:
             try:
                 mask = self.annotate(file.path, file.name, image.shape[:2])
             except Exception as error:  # noqa: BLE001 - the image goes on without its annotation
-                problem = SkippedFile(
-                    str(file.path), f"annotation unusable: {_one_line(str(error))}"
-                )
-        item = ImageItem(
-            file.name, self.stems[index], image, digest, str(file.path), file.label, mask
-        )
+                problem = SkippedFile(shown, f"annotation unusable: {_one_line(str(error))}")
+        item = ImageItem(file.name, self.stems[index], image, digest, shown, file.label, mask)
         return item, problem
 
+    def _timed_out(self, index: int) -> SkippedFile:
+        return SkippedFile(
+            display_path(self.files[index].path),
+            f"not read within data.read_timeout_s={self.read_timeout_s:g} s (a hung network "
+            "filesystem or device?); skipped, its read abandoned",
+        )
+
     def __iter__(self) -> Iterator[ImageItem]:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xai-exp-decode")
-        pending: deque[Future[tuple[ImageItem | SkippedFile, SkippedFile | None]]] = deque()
+        worker = _Worker()
+        pending: deque[tuple[int, Future[tuple[ImageItem | SkippedFile, SkippedFile | None]]]]
+        pending = deque()
         upcoming = iter(range(len(self.files)))
         try:
             for index in itertools.islice(upcoming, self.prefetch + 1):
-                pending.append(pool.submit(self._load, index))
+                pending.append((index, worker.submit(self._load, index)))
             while pending:
-                loaded, problem = pending.popleft().result()
+                index, future = pending.popleft()
+                try:
+                    loaded, problem = future.result(timeout=self.read_timeout_s)
+                except TimeoutError:
+                    # The worker is stuck in this file's read: leave it (a daemon thread) and
+                    # give the files after it to a fresh one.
+                    loaded, problem = self._timed_out(index), None
+                    worker.stop()
+                    worker = _Worker()
+                    pending = deque((i, worker.submit(self._load, i)) for i, _ in pending)
                 for index in itertools.islice(upcoming, 1):
-                    pending.append(pool.submit(self._load, index))
+                    pending.append((index, worker.submit(self._load, index)))
                 for skipped in (loaded, problem):
                     if isinstance(skipped, SkippedFile):
                         self.skipped.append(skipped)
@@ -403,7 +554,47 @@ class ImageSet:
                 if isinstance(loaded, ImageItem):
                     yield loaded
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            worker.stop()
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order.
+
+    Unlike a ThreadPoolExecutor's thread it is never joined at exit, so a read blocked for
+    good (a hung network filesystem) cannot keep the process alive after SIGTERM.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue[
+            tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ]
+        self.tasks = queue.SimpleQueue()
+        self.queued: list[Future[Any]] = []
+        threading.Thread(target=self._work, name="xai-exp-decode", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.queued = [queued for queued in self.queued if not queued.done()]
+        self.queued.append(future)
+        self.tasks.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """Cancel what has not started; the thread ends after the call it is in."""
+        for future in self.queued:
+            future.cancel()
+        self.queued.clear()
+        self.tasks.put(None)
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+                future.set_exception(error)
 
 
 def _check_limit(limit: int | None) -> None:
@@ -448,18 +639,25 @@ def _name_key(name: str) -> tuple[str, str]:
 
 
 def _scan(
-    folder: Path, recursive: bool, max_bytes: int | None, exclude: Path | None
+    folder: Path,
+    recursive: bool,
+    max_bytes: int | None,
+    exclude: Path | None,
+    follow_external: bool = False,
 ) -> tuple[list[ImageFile], list[SkippedFile]]:
     """Every image file under `folder` (one level, or the whole tree), with what was left out.
 
-    Hidden files and folders are ignored; other non-images, files above `max_bytes` (by size,
-    never read) and class folders without images are returned as skipped. Symlinked folders
-    are followed once each.
+    Hidden files and folders are ignored; other non-images, files that are not regular files
+    (FIFOs, sockets, devices), files above `max_bytes` (by size, never read) and class folders
+    without images are returned as skipped. Symlinks that resolve inside the folder are
+    followed (folders once each); those pointing outside it are skipped unless
+    `follow_external`. Names with bytes that are not UTF-8 are listed with ``\\xff`` escapes.
     """
     images: list[ImageFile] = []
     skipped: list[SkippedFile] = []
     seen: set[tuple[int, int]] = set()
     supported = ", ".join(SUPPORTED_EXTENSIONS)
+    root = folder.resolve()
 
     def visit(directory: Path, parts: tuple[str, ...]) -> None:
         try:
@@ -471,43 +669,63 @@ def _scan(
         except OSError as exc:
             if not parts:
                 raise DataError(
-                    f"cannot list data folder {directory}: {exc.strerror or exc}"
+                    f"cannot list data folder {display_path(directory)}: {exc.strerror or exc}"
                 ) from None
-            skipped.append(SkippedFile(str(directory), f"cannot list folder ({exc.strerror})"))
+            skipped.append(
+                SkippedFile(display_path(directory), f"cannot list folder ({exc.strerror})")
+            )
             return
         before = len(images)
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
+            shown = display_path(path)
             try:
+                if entry.is_symlink() and not follow_external:
+                    target = path.resolve()
+                    if not target.is_relative_to(root):
+                        skipped.append(
+                            SkippedFile(
+                                shown,
+                                f"symlink to {display_path(target)}, outside the data folder "
+                                "(not followed; data.follow_external_symlinks=true follows it)",
+                            )
+                        )
+                        continue
                 is_dir = entry.is_dir()
                 if is_dir:
                     if recursive:
-                        visit(path, (*parts, entry.name))
+                        visit(path, (*parts, display_path(entry.name)))
                     continue
-                size = entry.stat().st_size
-            except OSError as exc:
-                skipped.append(SkippedFile(str(path), f"cannot read ({exc.strerror or exc})"))
+                info = entry.stat()
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (resolve)
+                reason = getattr(exc, "strerror", None) or _one_line(str(exc))
+                skipped.append(SkippedFile(shown, f"cannot read ({reason})"))
                 continue
             extension = os.path.splitext(entry.name)[1].lower()
             if exclude is not None and path.resolve() == exclude:
                 continue
-            if extension not in SUPPORTED_EXTENSIONS:
+            special = _not_regular(info.st_mode)
+            if special is not None:
+                skipped.append(SkippedFile(shown, special))
+            elif extension not in SUPPORTED_EXTENSIONS:
                 kind = f"{extension} file" if extension else "file without extension"
-                skipped.append(SkippedFile(str(path), f"not an image ({kind}; read: {supported})"))
-            elif max_bytes is not None and size > max_bytes:
+                kind = display_path(kind)
+                skipped.append(SkippedFile(shown, f"not an image ({kind}; read: {supported})"))
+            elif max_bytes is not None and info.st_size > max_bytes:
                 skipped.append(
                     SkippedFile(
-                        str(path),
-                        f"{size / 2**20:,.0f} MB, above data.max_file_mb="
+                        shown,
+                        f"{info.st_size / 2**20:,.0f} MB, above data.max_file_mb="
                         f"{max_bytes / 2**20:g} (not read; raise it to include the file)",
                     )
                 )
             else:
-                images.append(ImageFile(path, "/".join((*parts, entry.name)), size))
+                name = "/".join((*parts, display_path(entry.name)))
+                images.append(ImageFile(path, name, info.st_size))
         if len(parts) == 1 and len(images) == before:
-            skipped.append(SkippedFile(str(directory), "class folder without images"))
+            skipped.append(SkippedFile(display_path(directory), "class folder without images"))
 
     visit(folder, ())
     images.sort(key=lambda file: _name_key(file.name))
@@ -605,6 +823,10 @@ def list_folder(
     recursive: bool = True,
     manifest: str | Path | None = None,
     max_file_mb: float | None = None,
+    *,
+    max_pixels: int | None = None,
+    read_timeout_s: float | None = READ_TIMEOUT_S,
+    follow_external_symlinks: bool = False,
 ) -> ImageSet:
     """The image files under `directory` with their true labels, sorted by relative path.
 
@@ -617,7 +839,7 @@ def list_folder(
     folder = check_folder(directory)
     max_bytes = None if max_file_mb is None else int(max_file_mb * 2**20)
     manifest_path = Path(manifest).expanduser().resolve() if manifest else None
-    files, skipped = _scan(folder, recursive, max_bytes, manifest_path)
+    files, skipped = _scan(folder, recursive, max_bytes, manifest_path, follow_external_symlinks)
     if not files:
         supported = ", ".join(SUPPORTED_EXTENSIONS)
         detail = f"; skipped: {_summarise_skipped(skipped)}" if skipped else ""
@@ -638,7 +860,14 @@ def list_folder(
         elif listed is not None and listed != label:
             conflicts.append(file.name)
         labelled.append(dataclasses.replace(file, label=label, label_from=source))
-    return ImageSet(labelled, skipped, max_bytes=max_bytes, label_conflicts=conflicts)
+    return ImageSet(
+        labelled,
+        skipped,
+        max_bytes=max_bytes,
+        label_conflicts=conflicts,
+        max_pixels=max_pixels,
+        read_timeout_s=read_timeout_s,
+    )
 
 
 def shard_of(name: str, num_shards: int) -> int:
@@ -670,6 +899,8 @@ def select(
         max_bytes=images.max_bytes,
         prefetch=images.prefetch,
         label_conflicts=[name for name in images.label_conflicts if name in kept],
+        max_pixels=images.max_pixels,
+        read_timeout_s=images.read_timeout_s,
     )
     selected.annotate = images.annotate
     return selected
@@ -680,9 +911,18 @@ def open_images(cfg: DataConfig) -> ImageSet:
     if cfg.source == "folder":
         if not cfg.dir:
             raise DataError("data=folder needs data.dir=PATH (a folder of images)")
-        images = list_folder(cfg.dir, cfg.recursive, cfg.manifest, cfg.max_file_mb)
+        images = list_folder(
+            cfg.dir,
+            cfg.recursive,
+            cfg.manifest,
+            cfg.max_file_mb,
+            max_pixels=cfg.max_pixels,
+            read_timeout_s=cfg.read_timeout_s,
+            follow_external_symlinks=cfg.follow_external_symlinks,
+        )
     else:
         images = bundled_set()
+        images.max_pixels, images.read_timeout_s = cfg.max_pixels, cfg.read_timeout_s
     return select(images, cfg.limit, cfg.num_shards, cfg.shard)
 
 

@@ -403,7 +403,7 @@ def log_partial(run: RunLogger, writer: ResultsWriter | None, error: BaseExcepti
     """Keep what finished before a failure: the results and overlays so far, and the reason."""
     try:
         run.set_tags({"error": describe(error, 500)})
-        if writer is not None:
+        if writer is not None and writer.written(writer.csv_path):
             run.log_artifact(writer.csv_path)
             run.log_artifacts(writer.out_dir / OVERLAYS, OVERLAYS)
     except Exception as upload_error:  # noqa: BLE001 - never mask the original failure
@@ -583,6 +583,10 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             log.info("every prediction and map was cached: the model was not loaded")
         params = explanation_params(cfg, study.facts, study.versions)
         files = write_run_files(writer, params, summary, images.skipped)
+        missing = writer.unwritten_line()
+        if missing:
+            where = "in MLflow (results_table.json)" if run is not None else "lost: tracking is off"
+            log.warning("%s; their results are %s", missing, where)
         if run is not None and hook is not None:
             log_results(run, cfg.method.name, summary, files, results)
             hook.flush()

@@ -10,10 +10,11 @@ import csv
 import dataclasses
 import heapq
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +38,8 @@ FIGURE_KIND = "figures"  # cache folder of rendered overlays
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 ImageHook = Callable[[int, ImageResult], None]
+T = TypeVar("T")
+log = logging.getLogger("xai_exp")
 
 
 def inert_cell(value: Any) -> Any:
@@ -124,11 +127,55 @@ class ResultsWriter:
         self.results: list[ImageResult] = []
         self.curves: dict[str, list[FaithfulnessCurves]] = {}  # per map source, for the plot
         self.columns = csv_columns()
-        with self.csv_path.open("w", newline="", encoding="utf-8") as file:
-            csv.DictWriter(file, fieldnames=self.columns).writeheader()
+        # what could not be written (a full disk, a read-only folder): path -> what of it
+        self.unwritten: dict[Path, list[str]] = {}
         self.keys_path = out_dir / KEYS_CSV
-        with self.keys_path.open("w", newline="", encoding="utf-8") as file:
-            csv.writer(file).writerow(KEY_COLUMNS)
+        self.attempt(self.csv_path, "header", lambda: self._write_row(self.csv_path, None, "w"))
+        self.attempt(self.keys_path, "header", lambda: self._write_row(self.keys_path, None, "w"))
+
+    def attempt(self, path: Path, what: str, action: Callable[[], T]) -> T | None:
+        """`action()`, or None when it fails with an OSError: the first such failure is one
+        warning, each is remembered (`unwritten`, `unwritten_line`) and the study goes on."""
+        if path in self.unwritten and path.suffix == ".csv":  # a CSV missing rows stays so
+            self.unwritten[path].append(what)
+            return None
+        try:
+            return action()
+        except OSError as error:
+            if not self.unwritten:
+                log.warning(
+                    "cannot write %s (%s); the study goes on: its results stay in memory and "
+                    "go to MLflow, and the end of the run lists what is missing here",
+                    path,
+                    error.strerror or error,
+                )
+            self.unwritten.setdefault(path, []).append(what)
+            return None
+
+    def written(self, path: Path) -> bool:
+        """Whether `path` was written whole."""
+        return path not in self.unwritten
+
+    def unwritten_line(self) -> str | None:
+        """One line naming what could not be written, or None."""
+        if not self.unwritten:
+            return None
+        parts = []
+        for path, what in self.unwritten.items():
+            name = path.relative_to(self.out_dir) if path.is_relative_to(self.out_dir) else path
+            rows = sum(1 for w in what if w.startswith("row"))
+            parts.append(f"{name} ({rows} rows missing)" if rows else str(name))
+        shown = ", ".join(parts[:5]) + (f" and {len(parts) - 5} more" if len(parts) > 5 else "")
+        return f"could not write {len(parts)} file(s) in {self.out_dir}: {shown}"
+
+    def _write_row(self, path: Path, row: Sequence[Any] | dict[str, Any] | None, mode: str) -> None:
+        with path.open(mode, newline="", encoding="utf-8") as file:
+            if path != self.csv_path:
+                csv.writer(file).writerow(KEY_COLUMNS if row is None else row)
+            elif isinstance(row, dict):
+                csv.DictWriter(file, fieldnames=self.columns).writerow(row)
+            else:
+                csv.DictWriter(file, fieldnames=self.columns).writeheader()
 
     def __call__(self, index: int, result: ImageResult) -> None:
         self.results.append(result)
@@ -136,14 +183,19 @@ class ResultsWriter:
             key: value if key == "artifact_stem" else inert_cell(value)
             for key, value in result.row().items()
         }
-        with self.csv_path.open("a", newline="", encoding="utf-8") as file:
-            csv.DictWriter(file, fieldnames=self.columns).writerow(row)
+        what = f"row of {result.name}"
+        self.attempt(self.csv_path, what, lambda: self._write_row(self.csv_path, row, "a"))
         if result.cache_keys:
-            with self.keys_path.open("a", newline="", encoding="utf-8") as file:
-                keys = [result.cache_keys.get(kind, "") for kind in KEY_COLUMNS[1:]]
-                csv.writer(file).writerow([inert_cell(result.name), *keys])
+            keys = [result.cache_keys.get(kind, "") for kind in KEY_COLUMNS[1:]]
+            line = [inert_cell(result.name), *keys]
+            self.attempt(self.keys_path, what, lambda: self._write_row(self.keys_path, line, "a"))
         if result.status != Status.ERROR:
-            self.overlays.offer(index, result.iou, lambda: self._draw(result))
+            overlay = self.figure_path(f"{OVERLAYS}/{result.artifact_stem}")
+            self.attempt(
+                overlay,
+                "overlay",
+                lambda: self.overlays.offer(index, result.iou, lambda: self._draw(result)),
+            )
         for source, curves in result.arrays.get("faithfulness", {}).items():
             self.curves.setdefault(source, []).append(curves)
         if self.on_image is not None:
@@ -209,29 +261,36 @@ def write_run_files(
     Returns every file of the run (results.csv first), for upload.
     """
     out_dir, method, dpi = writer.out_dir, writer.method, writer.plots.dpi
-    files = [writer.csv_path, writer.keys_path]
+    files = [path for path in (writer.csv_path, writer.keys_path) if writer.written(path)]
+
+    def keep(path: Path, write: Callable[[], Path]) -> None:
+        if writer.attempt(path, "file", write) is not None:
+            files.append(path)
+
     chart = plots.iou_bar_chart(writer.results, writer.setting, writer.random_weights)
-    files.append(plots.save_figure(chart, writer.figure_path("iou_bar_chart"), dpi))
+    bars = writer.figure_path("iou_bar_chart")
+    keep(bars, lambda: plots.save_figure(chart, bars, dpi))
     if writer.curves:
         labels = {"cam": method, "lime": "LIME"}
         curves = {labels[source]: found for source, found in writer.curves.items()}
-        files.append(
-            plots.save_figure(
-                plots.curve_plot(curves), writer.figure_path("faithfulness_curves"), dpi
-            )
-        )
-    files.append(
-        atomic_write_text(out_dir / "explanation_params.json", json.dumps(params, indent=2))
-    )
+        curve_path = writer.figure_path("faithfulness_curves")
+        keep(curve_path, lambda: plots.save_figure(plots.curve_plot(curves), curve_path, dpi))
+    params_path = out_dir / "explanation_params.json"
+    keep(params_path, lambda: atomic_write_text(params_path, json.dumps(params, indent=2)))
     finite = {
         k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()
     }
-    files.append(atomic_write_text(out_dir / "summary.json", json.dumps(finite, indent=2)))
+    summary_path = out_dir / "summary.json"
+    keep(summary_path, lambda: atomic_write_text(summary_path, json.dumps(finite, indent=2)))
     if skipped:
         path = out_dir / "skipped_files.csv"
-        with path.open("w", newline="", encoding="utf-8") as file:
-            rows = csv.writer(file)
-            rows.writerow(["path", "reason"])
-            rows.writerows([(inert_cell(s.path), inert_cell(s.reason)) for s in skipped])
-        files.append(path)
+
+        def write_skipped() -> Path:
+            with path.open("w", newline="", encoding="utf-8") as file:
+                rows = csv.writer(file)
+                rows.writerow(["path", "reason"])
+                rows.writerows([(inert_cell(s.path), inert_cell(s.reason)) for s in skipped])
+            return path
+
+        keep(path, write_skipped)
     return files
