@@ -91,6 +91,7 @@ NOT_SETTINGS = (
     "data.num_shards",  # shards of one setting pool into one row
     "data.shard",
     "data.max_file_mb",
+    "data.read_timeout_s",
     "outputs.",
     "plots.",
 )
