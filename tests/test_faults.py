@@ -36,7 +36,15 @@ from xai_exp.job import JobContext, config_yaml, execute, logged_config
 from xai_exp.outputs import ResultsWriter
 from xai_exp.pipeline import Study, run_study
 from xai_exp.results import ImageResult
-from xai_exp.tracking import RunLogger, TrackingError, flatten, mark_lost_runs, process_tags
+from xai_exp.tracking import (
+    HEARTBEAT_TAG,
+    STALE_AFTER_S,
+    RunLogger,
+    TrackingError,
+    flatten,
+    mark_lost_runs,
+    process_tags,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -168,6 +176,44 @@ def test_runs_of_processes_that_are_gone_are_marked_failed(tracking_store):
     assert client.get_run(alive.run_id).info.status == "RUNNING"
     assert client.get_run(elsewhere.run_id).info.status == "RUNNING"  # cannot tell from here
     assert process_tags()["process.host"] == socket.gethostname()
+
+
+def test_a_live_run_in_another_pid_namespace_is_judged_by_its_heartbeat(tracking_store):
+    """A run in a container with its own PID namespace (Apptainer --containall) has a pid that
+    means nothing here: its fresh heartbeat keeps it open, a stale one marks it lost."""
+    client, experiment = tracking_store.client, tracking_store.experiment_id
+    runs = {}
+    for name, beat_age in (("container-alive", 5), ("container-lost", STALE_AFTER_S + 60)):
+        runs[name] = RunLogger.start(client, experiment, name, {})
+        client.set_tag(runs[name].run_id, "process.pid", str(_dead_pid()))  # a pid of theirs
+        client.set_tag(runs[name].run_id, "process.pid_namespace", "pid:[1]")
+        client.set_tag(runs[name].run_id, HEARTBEAT_TAG, str(int(time.time() - beat_age)))
+    node = RunLogger.start(client, experiment, "other-node-lost", {})
+    client.set_tag(node.run_id, "process.host", "another-node")
+    client.set_tag(node.run_id, HEARTBEAT_TAG, str(int(time.time() - STALE_AFTER_S - 60)))
+
+    lost = mark_lost_runs(client, [experiment])
+    assert sorted(lost) == sorted([runs["container-lost"].run_id, node.run_id])
+    assert client.get_run(runs["container-alive"].run_id).info.status == "RUNNING"
+    assert client.get_run(runs["container-lost"].run_id).info.status == "FAILED"
+    tags = process_tags()
+    assert tags["process.pid_namespace"].startswith("pid:[")
+    assert int(tags[HEARTBEAT_TAG]) == pytest.approx(time.time(), abs=5)
+
+
+def test_an_open_run_renews_its_heartbeat_until_it_finishes(tracking_store):
+    client, experiment = tracking_store.client, tracking_store.experiment_id
+    run = RunLogger.start(client, experiment, "beating", {}, heartbeat_s=0.2)
+    client.set_tag(run.run_id, HEARTBEAT_TAG, "0")  # as if long ago
+    deadline = time.time() + 20
+    while client.get_run(run.run_id).data.tags[HEARTBEAT_TAG] == "0" and time.time() < deadline:
+        time.sleep(0.1)
+    assert int(client.get_run(run.run_id).data.tags[HEARTBEAT_TAG]) >= time.time() - 10
+    run.finish()
+    time.sleep(0.5)  # any beat in flight lands
+    client.set_tag(run.run_id, HEARTBEAT_TAG, "0")
+    time.sleep(1.0)  # five periods: a beating run would have renewed it
+    assert client.get_run(run.run_id).data.tags[HEARTBEAT_TAG] == "0"
 
 
 @pytest.mark.slow

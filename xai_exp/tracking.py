@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -242,26 +243,56 @@ def _process_start(pid: int) -> str | None:
     return text.rsplit(")", 1)[1].split()[19]
 
 
+HEARTBEAT_TAG = "process.heartbeat"  # seconds since the epoch, renewed while the run is open
+HEARTBEAT_S = 60.0  # how often an open run renews its heartbeat
+STALE_AFTER_S = 10 * HEARTBEAT_S  # a run whose heartbeat is older than this is lost
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (``pid:[4026531836]``): pids mean nothing across them."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def process_tags() -> dict[str, str]:
-    """Who runs this process: host, pid and start time, so a lost process can be told."""
+    """Who runs this process: host, PID namespace, pid, start time and a first heartbeat, so a
+    lost process can be told."""
     return {
         "process.host": socket.gethostname(),
+        "process.pid_namespace": _pid_namespace(),
         "process.pid": str(os.getpid()),
         "process.start": _process_start(os.getpid()) or "",
+        HEARTBEAT_TAG: str(int(time.time())),
     }
 
 
-def process_gone(tags: Mapping[str, str]) -> bool:
-    """True when the process named by `process_tags` ran on this host and no longer runs."""
+def process_gone(tags: Mapping[str, str], now: float | None = None) -> bool:
+    """True when the process named by `process_tags` no longer runs.
+
+    Where its pid means something here (this host, this PID namespace) the pid answers at once;
+    anywhere else (another node, a container with its own PID namespace) only a heartbeat
+    older than `STALE_AFTER_S` says it is gone. Runs without either cannot be judged.
+    """
     host, pid = tags.get("process.host"), tags.get("process.pid", "")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine (or an older run): nothing can be said from here
+    namespace = tags.get("process.pid_namespace") or _pid_namespace()  # older runs: this one
+    if host == socket.gethostname() and namespace == _pid_namespace() and pid.isdigit():
+        return _pid_gone(int(pid), tags.get("process.start"))
+    beat = tags.get(HEARTBEAT_TAG, "")
+    if beat.isdigit():
+        return (time.time() if now is None else now) - int(beat) > STALE_AFTER_S
+    return False  # another machine and an older run: nothing can be said from here
+
+
+def _pid_gone(pid: int, started: str | None) -> bool:
+    """True when `pid` (started at `started` ticks, when known) no longer runs here."""
     if Path("/proc/self/stat").exists():
-        current = _process_start(int(pid))
-        started = tags.get("process.start") or current  # no start recorded: existence alone
+        current = _process_start(pid)
+        started = started or current  # no start recorded: existence alone
         return current is None or current != started
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:
@@ -277,8 +308,8 @@ def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[
         if not process_gone(tags):
             continue
         reason = (
-            f"process lost: pid {tags['process.pid']} on {tags['process.host']} ended "
-            "without closing the run (killed, or out of memory)"
+            f"process lost: pid {tags.get('process.pid')} on {tags.get('process.host')} ended "
+            "without closing the run (killed, or out of memory, or its node lost)"
         )
         client.set_tag(run.info.run_id, "error", reason)
         client.set_terminated(run.info.run_id, "FAILED")
@@ -374,6 +405,20 @@ class RunLogger:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.name = name
+        self._closed = threading.Event()
+
+    def beat(self, every: float = HEARTBEAT_S) -> None:
+        """Renew the run's heartbeat tag every `every` seconds until `finish`, in a daemon
+        thread (a failed write is retried at the next beat: the run is still alive)."""
+
+        def renew() -> None:
+            while not self._closed.wait(every):
+                try:
+                    self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+                except Exception as error:  # noqa: BLE001 - a lost server must not stop the run
+                    log.debug("heartbeat of run %s not written: %s", self.run_id, error)
+
+        threading.Thread(target=renew, name=f"heartbeat-{self.run_id}", daemon=True).start()
 
     @classmethod
     def start(
@@ -383,13 +428,16 @@ class RunLogger:
         run_name: str | None,
         tags: Mapping[str, str],
         parent_run_id: str | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> RunLogger:
-        """Create a run (a child of `parent_run_id` when given)."""
+        """Create a run (a child of `parent_run_id` when given) that beats until `finish`."""
         all_tags = {**process_tags(), **{key: str(value) for key, value in tags.items()}}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        return cls(client, run.info.run_id, experiment_id, run.info.run_name)
+        logger = cls(client, run.info.run_id, experiment_id, run.info.run_name)
+        logger.beat(heartbeat_s)
+        return logger
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params in batches; values are stringified (None as 'null')."""
@@ -443,7 +491,8 @@ class RunLogger:
         self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Terminate the run with FINISHED, FAILED or KILLED."""
+        """Terminate the run with FINISHED, FAILED or KILLED (its heartbeat stops)."""
+        self._closed.set()
         self.client.set_terminated(self.run_id, status=status)
 
 
