@@ -192,3 +192,46 @@ def test_a_fully_cached_rerun_imports_no_torch_and_logs_the_same_results(tmp_pat
         return [[line.split(",")[i] for i in keep] for line in lines]
 
     assert rows("again") == rows("first")
+
+
+def test_a_checkpoint_replaced_keeping_its_size_and_mtime_is_a_new_model(tmp_path):
+    import numpy as np
+    import torchvision
+
+    checkpoint = tmp_path / "weights.pt"
+
+    def save(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.squeezenet1_1().state_dict(), checkpoint)
+
+    save(0)
+    cfg = config()
+    cfg.device, cfg.inference.engine = "cpu", "torch"
+    cfg.model.arch, cfg.model.weights, cfg.model.checkpoint = "squeezenet1_1", None, str(checkpoint)
+    cfg.model.target_layer, cfg.model.input_size = "features.12", 64
+    cache = ExplanationCache(tmp_path / "cache")
+
+    def run() -> tuple[Study, np.ndarray]:
+        key = facts_key(cfg)
+        model = check_config(cfg, cache, key)
+        study = Study(cfg, model, cache)
+        if not isinstance(model, DeferredClassifier):
+            store_facts(cache, key, study.facts)
+        return study, study.prediction(IMAGES[0], study.facts.view(IMAGES[0].image))
+
+    first, before = run()
+    cached, same = run()
+    assert isinstance(cached.model, DeferredClassifier)
+    assert not cached.model.built  # all cached: no network
+    assert np.array_equal(same, before)
+
+    stat = checkpoint.stat()
+    save(1)  # as `cp -p` or `rsync -t` would leave it: other weights, same size and mtime
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns) == (
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
+    second, after = run()
+    assert second.facts.identity != first.facts.identity
+    assert not np.allclose(after, before)  # predicted by the new weights, not served

@@ -3,8 +3,8 @@
 A fully cached rerun needs the model's identity (for cache keys), its class names, its view of
 an image and a few decisions (the target layer, the engine, which CAM implementation runs), but
 no forward pass. `ModelFacts` holds them; they are cached under a key of everything that
-decides them (the model config, the weights file's path, size and modification time, the
-library versions and the source of the code that derives them), so a rerun whose explanations
+decides them (the model config, the weights file's path, size and content hash, the library
+versions and the source of the code that derives them), so a rerun whose explanations
 are all cached never imports torch. A model whose weights are only known after a download
 (`weights=pretrained`) or a machine with a GPU driver always builds the network first.
 """
@@ -12,8 +12,8 @@ are all cached never imports torch. A model whose weights are only known after a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xai_exp.cache import ExplanationCache, cache_key
+from xai_exp.cache import ExplanationCache, cache_key, code_digest
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.errors import describe
 from xai_exp.views import fit_mask_to_input, fit_to_input
@@ -155,18 +155,31 @@ def _installed(name: str) -> str:
 
 
 def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for module in _DECIDING_MODULES:
-        spec = importlib.util.find_spec(module)
-        origin = spec.origin if spec else None
-        digest.update(Path(origin).read_bytes() if origin else module.encode())
-    return digest.hexdigest()[:16]
+    return code_digest(_DECIDING_MODULES)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> str:
+    """blake2b of the whole file, once per process per version of the file: a file replaced
+    in place (or by `cp -p`, `rsync -t`, tar) changes its ctime or inode even where its size
+    and mtime stay, and is read again."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _file_stamp(path: str | Path) -> dict[str, Any]:
+    """What identifies a weights file: its path, size and content hash. The whole file is
+    hashed (~0.1 s per 100 MB, from the page cache the load fills anyway): a hash of its ends
+    would miss a fine-tune that changed only the middle layers of a same-size file."""
     resolved = Path(path).expanduser().resolve()
     stat = resolved.stat()  # a missing file: OSError, and the network is built (and says so)
-    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    content = _content_hash(
+        str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+    )
+    return {"path": str(resolved), "size": stat.st_size, "blake2b": content}
 
 
 def weights_stamp(cfg: StudyConfig) -> dict[str, Any] | None:

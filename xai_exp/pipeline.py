@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from xai_exp.cache import ExplanationCache, cache_key
+from xai_exp.cache import ExplanationCache, cache_key, code_digest
 from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, lime_seeds, target_choice
 from xai_exp.data import ImageItem
 from xai_exp.errors import describe
@@ -42,8 +42,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALGORITHM_VERSION = 1  # bump when a change alters what an explanation computes
+ALGORITHM_VERSION = 1  # bump when a change outside xai_exp's code alters what a step computes
 FORWARD_ONLY = ("scorecam",)  # CAM methods whose fast path runs logits-only forward passes
+
+# The modules whose code computes each cached step: their source is part of the step's keys
+# (`cache.code_digest`), so editing them recomputes its entries and editing others does not.
+# A step that depends on another's entry has that entry's key (and so its code) in its own.
+_VIEW = ("xai_exp.views",)  # the explained view (resize, crop) every step starts from
+_NETWORK = ("xai_exp.models", "xai_exp.architectures")  # normalisation, token reshape
+_FORWARD = ("xai_exp.inference", "xai_exp.onnx_engine")  # logits-only forward passes
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "prediction": (*_VIEW, "xai_exp.models"),
+    "cam": (*_VIEW, *_NETWORK, "xai_exp.explainers.cam"),
+    "fast cam": ("xai_exp.explainers.fast_cam",),  # added where the fast path runs
+    "segments": (*_VIEW, "xai_exp.explainers.superpixels"),
+    "lime": (*_VIEW, *_NETWORK, *_FORWARD, "xai_exp.explainers.lime"),
+    "faithfulness": (*_NETWORK, *_FORWARD, "xai_exp.faithfulness"),
+    "sanity": (*_NETWORK, "xai_exp.sanity", "xai_exp.agreement"),
+}
+
+
+def step_code(*steps: str) -> str:
+    """The code digest of the modules that compute these steps (`STEP_CODE`)."""
+    return code_digest(module for step in steps for module in STEP_CODE[step])
 
 
 def library_versions() -> dict[str, str]:
@@ -229,6 +250,7 @@ class Study:
             model=self.facts.identity,
             precision=self.precision,
             versions=[self.versions["torch"]],
+            code=step_code("prediction"),
         )
         classes = len(self.facts.labels)
         step = self._cached(
@@ -243,6 +265,8 @@ class Study:
     def cam(self, item: ImageItem, view: np.ndarray, target: int) -> Step:
         """CAM map (``arrays["cam"]``) for the image's view and target class."""
         method = self.cfg.method
+        fast = self.facts.cam_implementation(method.name, method.implementation) == "fast"
+        forward_only = method.name in FORWARD_ONLY and method.implementation == "fast"
         key = cache_key(
             **self._base_key(item),
             kind="cam",
@@ -253,7 +277,14 @@ class Study:
             precision=self.precision,
             target=target,
             versions=[self.versions[n] for n in ("torch", "torchvision", "grad-cam")],
-            **self._engine_key(method.name in FORWARD_ONLY and method.implementation == "fast"),
+            code=code_digest(
+                [
+                    *STEP_CODE["cam"],
+                    *(STEP_CODE["fast cam"] if fast else ()),
+                    *(_FORWARD if fast and forward_only else ()),
+                ]
+            ),
+            **self._engine_key(forward_only),
         )
         return self._cached(
             "cam",
@@ -270,6 +301,7 @@ class Study:
             algorithm=seg.algorithm,
             params=dict(seg.params),
             versions=[self.versions[n] for n in ("scikit-image", "lime")],
+            code=step_code("segments"),
         )
 
     def segments(self, item: ImageItem, view: np.ndarray) -> Step:
@@ -318,6 +350,7 @@ class Study:
             implementation=cfg.implementation,
             precision=self.precision,
             versions=[self.versions[n] for n in ("torch", "torchvision", "lime")],
+            code=step_code("lime"),
             **self._engine_key(cfg.implementation == "fast"),
         )
 
@@ -360,6 +393,7 @@ class Study:
                 else {"steps": metrics.steps, "baseline": metrics.baseline}
             ),
             algorithm_version=ALGORITHM_VERSION,
+            code=step_code("faithfulness"),
             **self._engine_key(True),
         )
 
@@ -398,6 +432,7 @@ class Study:
             layers=metrics.sanity_layers,
             protocol=2,  # 2: Quantus-style resets (running statistics too); degenerate = NaN
             algorithm_version=ALGORITHM_VERSION,
+            code=step_code("sanity"),
         )
 
         def compute() -> dict[str, np.ndarray]:
