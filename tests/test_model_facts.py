@@ -235,3 +235,40 @@ def test_a_checkpoint_replaced_keeping_its_size_and_mtime_is_a_new_model(tmp_pat
     second, after = run()
     assert second.facts.identity != first.facts.identity
     assert not np.allclose(after, before)  # predicted by the new weights, not served
+
+
+FORGED_FACTS = {
+    "labels as one string": {"labels": "tench goldfish"},
+    "labels of numbers": {"labels": [0, 1, 2]},
+    "no labels": {"labels": []},
+    "identity not text": {"identity": 12},
+    "input size as text": {"input_size": "64"},
+    "mean of 2 numbers": {"mean": [0.5, 0.5]},
+    "std of zero": {"std": [0.0, 0.5, 0.5]},
+    "crop fraction above 1": {"crop_fraction": 1.5},
+    "an unknown engine": {"engine": "cuda"},
+    "refusals as a list": {"refusals": ["ablationcam"]},
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_FACTS))
+def test_forged_facts_with_a_valid_checksum_are_discarded_and_the_network_built(
+    forgery, tmp_path, caplog
+):
+    cache = ExplanationCache(tmp_path)
+    cfg = StudyConfig(device="cpu")
+    cfg.model.arch, cfg.model.weights, cfg.model.input_size = "resnet18", None, 64
+    cfg.model.target_layer, cfg.inference.engine = None, "torch"
+    key = facts_key(cfg)
+    good = check_config(cfg, cache, key)
+    facts = facts_of(good, "torch")
+    cache.store(FACTS_KIND, key, {}, {**facts.to_meta(), **FORGED_FACTS[forgery]})
+    with caplog.at_level("WARNING"):
+        model = check_config(cfg, cache, key)
+    assert not isinstance(model, DeferredClassifier)  # built, not taken from the forgery
+    assert facts_of(model, "torch") == facts
+    assert cache.discarded == 1
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "unusable model facts" in warning
+    assert "\n" not in warning
+    assert not cache.contains(FACTS_KIND, key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,11 +111,64 @@ class ModelFacts:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelFacts:
+        """The facts of a cache entry; ValueError (or KeyError, TypeError) for an entry that is
+        not facts as `to_meta` writes them: a field missing or of another type or range."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {name: meta[name] for name in names}  # a missing field: KeyError, re-derived
+        problem = _facts_problem(values)
+        if problem is not None:
+            raise ValueError(problem)
         for name in ("mean", "std", "fast_methods"):
             values[name] = tuple(values[name])
         return cls(**values)
+
+
+_NAMES = ("arch", "identity", "interpolation", "target_layer_name", "device", "engine")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+
+
+def _facts_problem(values: dict[str, Any]) -> str | None:
+    """Why stored facts are not facts `to_meta` could have written (None when they are)."""
+    for name in _NAMES:
+        if not isinstance(values[name], str) or not values[name]:
+            return f"{name} is {values[name]!r}, not a name"
+    if values["family"] is not None and not isinstance(values["family"], str):
+        return f"family is {values['family']!r}"
+    if values["engine"] not in ("torch", "onnxruntime"):
+        return f"engine is {values['engine']!r}"
+    size = values["input_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"input_size is {size!r}"
+    if not _is_texts(values["labels"]) or not values["labels"]:
+        return "labels are not a list of class names"
+    for name in ("mean", "std"):
+        found = values[name]
+        if (
+            not isinstance(found, list | tuple)
+            or len(found) != 3
+            or not all(map(_is_number, found))
+        ):
+            return f"{name} is {found!r}, not 3 numbers"
+    if min(values["std"]) <= 0:
+        return f"std is {values['std']!r}"
+    fraction = values["crop_fraction"]
+    if not _is_number(fraction) or not 0 < fraction <= 1:
+        return f"crop_fraction is {fraction!r}"
+    if not _is_texts(values["fast_methods"]):
+        return "fast_methods are not a list of names"
+    refusals = values["refusals"]
+    if not isinstance(refusals, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in refusals.items()
+    ):
+        return "refusals are not names and reasons"
+    return None
 
 
 def facts_of(classifier: Classifier, engine: str) -> ModelFacts:
@@ -234,8 +288,8 @@ def cached_facts(cache: ExplanationCache, key: str | None) -> ModelFacts | None:
         return None
     try:
         return ModelFacts.from_meta(entry.meta)
-    except (KeyError, TypeError) as error:
-        cache.discard(FACTS_KIND, key, f"unreadable model facts: {error}")
+    except (KeyError, TypeError, ValueError) as error:
+        cache.discard(FACTS_KIND, key, f"unusable model facts: {describe(error)}")
         return None
 
 
