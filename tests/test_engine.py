@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tiny_models import TinyCNN, bn_cnn
+from tiny_models import TinyCNN, bn_cnn, smooth_image
 from torch import nn
 
 from xai_exp import inference, onnx_engine
@@ -240,3 +240,80 @@ def test_graph_path_depends_on_identity_and_size(tmp_path: Path):
     assert first == onnx_engine.graph_path(tmp_path, "a:1", 224)
     assert first != onnx_engine.graph_path(tmp_path, "a:2", 224)
     assert first != onnx_engine.graph_path(tmp_path, "a:1", 256)
+
+
+class BatchOfTwo(TinyCNN):
+    """Its flatten bakes a batch of 2 into the graph even where the input's axis is free."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).reshape(2, 16))
+
+
+def _export(net: nn.Module, path: Path, dynamic: bool) -> None:
+    axes = {"pixels": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        net.eval(),
+        (torch.zeros(2, 3, 32, 32),),
+        str(path),
+        dynamo=False,
+        input_names=["pixels"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+        opset_version=onnx_engine.OPSET,
+    )
+
+
+@pytest.mark.parametrize(
+    ("forged", "dynamic"), [(TinyCNN, False), (BatchOfTwo, True)], ids=["fixed axis", "reshape"]
+)
+def test_a_cached_graph_that_runs_only_a_batch_of_two_is_exported_again(
+    forged, dynamic, tmp_path, caplog
+):
+    classifier = wrap("tiny_cnn")
+    path = onnx_engine.graph_path(tmp_path, classifier.identity, 32)
+    torch.manual_seed(0)
+    net = forged()
+    net.load_state_dict(classifier.model.state_dict())  # the same weights: right at batch 2
+    _export(net, path, dynamic)
+    with caplog.at_level(logging.WARNING):
+        assert with_engine(classifier, "onnxruntime", tmp_path) == "onnxruntime"
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "is not used" in line
+    assert "batch" in line
+    assert "exporting again" in line
+    import onnxruntime
+
+    replaced = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert not isinstance(replaced.get_inputs()[0].shape[0], int)  # the cache holds the new one
+
+    image = smooth_image(32)
+    segments = superpixels.segment(image, "slic", {"n_segments": 16, "start_label": 0})
+    options = {"num_samples": 35, "hide_color": None, "seed": 0, "batch_size": 16}  # 16+16+3
+    ours = lime.fast_lime(classifier, image, segments, 3, **options)
+    with_engine(classifier, "torch")
+    expected = lime.fast_lime(classifier, image, segments, 3, **options)
+    assert np.all(np.isfinite(ours.weights))
+    scale = np.abs(expected.weights).max()
+    assert np.abs(ours.weights - expected.weights).max() <= 1e-2 * scale  # float rounding
+
+
+def test_an_export_that_runs_only_a_batch_of_two_falls_back_or_is_refused(
+    tmp_path, monkeypatch, caplog
+):
+    assert onnx_engine.probe_batches(inference.ONNX_BATCH) == (1, 3, inference.ONNX_BATCH)
+    classifier = wrap("tiny_cnn")
+    torch.manual_seed(0)
+    net = BatchOfTwo()
+    net.load_state_dict(classifier.model.state_dict())
+    _export(net, tmp_path / "two.onnx", dynamic=True)
+    graph = (tmp_path / "two.onnx").read_bytes()
+    monkeypatch.setattr(onnx_engine, "export_graph", lambda *_args: graph)
+    with caplog.at_level(logging.INFO, logger="xai_exp.inference"):
+        assert with_engine(classifier, "auto") == "torch"
+    [line] = [r.getMessage() for r in caplog.records if r.name == "xai_exp.inference"]
+    assert "ONNX Runtime is not used" in line
+    assert "at batch 1" in line
+    assert "\n" not in line
+    with pytest.raises(ConfigError, match="cannot run tiny_cnn: it fails at batch 1"):
+        with_engine(classifier, "onnxruntime")

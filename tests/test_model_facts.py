@@ -192,3 +192,83 @@ def test_a_fully_cached_rerun_imports_no_torch_and_logs_the_same_results(tmp_pat
         return [[line.split(",")[i] for i in keep] for line in lines]
 
     assert rows("again") == rows("first")
+
+
+def test_a_checkpoint_replaced_keeping_its_size_and_mtime_is_a_new_model(tmp_path):
+    import numpy as np
+    import torchvision
+
+    checkpoint = tmp_path / "weights.pt"
+
+    def save(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.squeezenet1_1().state_dict(), checkpoint)
+
+    save(0)
+    cfg = config()
+    cfg.device, cfg.inference.engine = "cpu", "torch"
+    cfg.model.arch, cfg.model.weights, cfg.model.checkpoint = "squeezenet1_1", None, str(checkpoint)
+    cfg.model.target_layer, cfg.model.input_size = "features.12", 64
+    cache = ExplanationCache(tmp_path / "cache")
+
+    def run() -> tuple[Study, np.ndarray]:
+        key = facts_key(cfg)
+        model = check_config(cfg, cache, key)
+        study = Study(cfg, model, cache)
+        if not isinstance(model, DeferredClassifier):
+            store_facts(cache, key, study.facts)
+        return study, study.prediction(IMAGES[0], study.facts.view(IMAGES[0].image))
+
+    first, before = run()
+    cached, same = run()
+    assert isinstance(cached.model, DeferredClassifier)
+    assert not cached.model.built  # all cached: no network
+    assert np.array_equal(same, before)
+
+    stat = checkpoint.stat()
+    save(1)  # as `cp -p` or `rsync -t` would leave it: other weights, same size and mtime
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns) == (
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
+    second, after = run()
+    assert second.facts.identity != first.facts.identity
+    assert not np.allclose(after, before)  # predicted by the new weights, not served
+
+
+FORGED_FACTS = {
+    "labels as one string": {"labels": "tench goldfish"},
+    "labels of numbers": {"labels": [0, 1, 2]},
+    "no labels": {"labels": []},
+    "identity not text": {"identity": 12},
+    "input size as text": {"input_size": "64"},
+    "mean of 2 numbers": {"mean": [0.5, 0.5]},
+    "std of zero": {"std": [0.0, 0.5, 0.5]},
+    "crop fraction above 1": {"crop_fraction": 1.5},
+    "an unknown engine": {"engine": "cuda"},
+    "refusals as a list": {"refusals": ["ablationcam"]},
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_FACTS))
+def test_forged_facts_with_a_valid_checksum_are_discarded_and_the_network_built(
+    forgery, tmp_path, caplog
+):
+    cache = ExplanationCache(tmp_path)
+    cfg = StudyConfig(device="cpu")
+    cfg.model.arch, cfg.model.weights, cfg.model.input_size = "resnet18", None, 64
+    cfg.model.target_layer, cfg.inference.engine = None, "torch"
+    key = facts_key(cfg)
+    good = check_config(cfg, cache, key)
+    facts = facts_of(good, "torch")
+    cache.store(FACTS_KIND, key, {}, {**facts.to_meta(), **FORGED_FACTS[forgery]})
+    with caplog.at_level("WARNING"):
+        model = check_config(cfg, cache, key)
+    assert not isinstance(model, DeferredClassifier)  # built, not taken from the forgery
+    assert facts_of(model, "torch") == facts
+    assert cache.discarded == 1
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "unusable model facts" in warning
+    assert "\n" not in warning
+    assert not cache.contains(FACTS_KIND, key)

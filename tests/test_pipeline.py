@@ -208,3 +208,40 @@ def test_each_image_records_its_chance_level_ceiling_and_agreement_above_chance(
         )
         row = result.row()
         assert row["iou_corrected"] == result.values["iou_corrected"]  # a results.csv column
+
+
+def test_editing_a_step_s_code_recomputes_its_entries_and_no_other_s(tmp_path, monkeypatch):
+    import hashlib
+
+    from xai_exp import cache as cache_module
+
+    real = cache_module.module_digest
+    source = (
+        cache_module.Path(cache_module.__file__).parent / "explainers" / "cam.py"
+    ).read_bytes()
+    assert real("xai_exp.explainers.cam") == hashlib.sha256(source).hexdigest()
+
+    def edit(*modules: str) -> None:  # as if these modules' code had been changed
+        fake = {name: "edited" for name in modules}
+        monkeypatch.setattr(cache_module, "module_digest", lambda name: fake.get(name, real(name)))
+
+    def run() -> tuple:
+        [result] = run_study(Study(config(), classifier, cache), IMAGES[:1], progress=False)
+        reused = (result.cam_reused, result.segmentation_reused, result.lime_reused)
+        return reused, result.iou
+
+    classifier = tiny_classifier()
+    cache = ExplanationCache(tmp_path)
+    _, iou_first = run()
+    edit("xai_exp.compare", "xai_exp.plots", "xai_exp.tracking")  # no step's code
+    assert run() == ((True, True, True), iou_first)
+    edit("xai_exp.explainers.cam")
+    assert run()[0] == (False, True, True)
+    edit("xai_exp.explainers.lime")  # the CAM code is as first cached again
+    assert run()[0] == (True, True, False)
+    edit("xai_exp.explainers.superpixels")  # LIME's key holds its superpixels'
+    assert run()[0] == (True, False, False)
+    edit("xai_exp.views")  # the view every step starts from
+    assert run()[0] == (False, False, False)
+    monkeypatch.setattr(cache_module, "module_digest", real)
+    assert run() == ((True, True, True), iou_first)

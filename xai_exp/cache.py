@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,32 @@ def cache_key(**parts: Any) -> str:
     """Stable key of everything that determines an explanation (canonical JSON, sha256)."""
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def module_source(module: str) -> bytes:
+    """The source of a module, found without importing it (its name when it has no file)."""
+    spec = importlib.util.find_spec(module)
+    origin = spec.origin if spec is not None else None
+    try:
+        return Path(origin).read_bytes() if origin else module.encode()
+    except OSError:
+        return module.encode()
+
+
+@functools.cache
+def module_digest(module: str) -> str:
+    """sha256 of a module's source, read once per process."""
+    return hashlib.sha256(module_source(module)).hexdigest()
+
+
+def code_digest(modules: Iterable[str]) -> str:
+    """The code that computes an entry, as a key part: the hash of the sources of the modules
+    that compute it. Editing one of them gives new keys (the entry is recomputed once);
+    editing any other module leaves the entry's key as it was."""
+    digest = hashlib.sha256()
+    for module in sorted(set(modules)):
+        digest.update(f"{module}={module_digest(module)};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _checksum(arrays: dict[str, np.ndarray], meta: str) -> str:

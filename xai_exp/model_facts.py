@@ -3,8 +3,8 @@
 A fully cached rerun needs the model's identity (for cache keys), its class names, its view of
 an image and a few decisions (the target layer, the engine, which CAM implementation runs), but
 no forward pass. `ModelFacts` holds them; they are cached under a key of everything that
-decides them (the model config, the weights file's path, size and modification time, the
-library versions and the source of the code that derives them), so a rerun whose explanations
+decides them (the model config, the weights file's path, size and content hash, the library
+versions and the source of the code that derives them), so a rerun whose explanations
 are all cached never imports torch. A model whose weights are only known after a download
 (`weights=pretrained`) or a machine with a GPU driver always builds the network first.
 """
@@ -12,8 +12,9 @@ are all cached never imports torch. A model whose weights are only known after a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import importlib.util
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xai_exp.cache import ExplanationCache, cache_key
+from xai_exp.cache import ExplanationCache, cache_key, code_digest
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.errors import describe
 from xai_exp.views import SQUARE, View
@@ -121,11 +122,64 @@ class ModelFacts:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelFacts:
+        """The facts of a cache entry; ValueError (or KeyError, TypeError) for an entry that is
+        not facts as `to_meta` writes them: a field missing or of another type or range."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {name: meta[name] for name in names}  # a missing field: KeyError, re-derived
+        problem = _facts_problem(values)
+        if problem is not None:
+            raise ValueError(problem)
         for name in ("mean", "std", "fast_methods"):
             values[name] = tuple(values[name])
         return cls(**values)
+
+
+_NAMES = ("arch", "identity", "interpolation", "target_layer_name", "device", "engine")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+
+
+def _facts_problem(values: dict[str, Any]) -> str | None:
+    """Why stored facts are not facts `to_meta` could have written (None when they are)."""
+    for name in _NAMES:
+        if not isinstance(values[name], str) or not values[name]:
+            return f"{name} is {values[name]!r}, not a name"
+    if values["family"] is not None and not isinstance(values["family"], str):
+        return f"family is {values['family']!r}"
+    if values["engine"] not in ("torch", "onnxruntime"):
+        return f"engine is {values['engine']!r}"
+    size = values["input_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"input_size is {size!r}"
+    if not _is_texts(values["labels"]) or not values["labels"]:
+        return "labels are not a list of class names"
+    for name in ("mean", "std"):
+        found = values[name]
+        if (
+            not isinstance(found, list | tuple)
+            or len(found) != 3
+            or not all(map(_is_number, found))
+        ):
+            return f"{name} is {found!r}, not 3 numbers"
+    if min(values["std"]) <= 0:
+        return f"std is {values['std']!r}"
+    fraction = values["crop_fraction"]
+    if not _is_number(fraction) or not 0 < fraction <= 1:
+        return f"crop_fraction is {fraction!r}"
+    if not _is_texts(values["fast_methods"]):
+        return "fast_methods are not a list of names"
+    refusals = values["refusals"]
+    if not isinstance(refusals, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in refusals.items()
+    ):
+        return "refusals are not names and reasons"
+    return None
 
 
 def facts_of(classifier: Classifier, engine: str) -> ModelFacts:
@@ -168,18 +222,31 @@ def _installed(name: str) -> str:
 
 
 def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for module in _DECIDING_MODULES:
-        spec = importlib.util.find_spec(module)
-        origin = spec.origin if spec else None
-        digest.update(Path(origin).read_bytes() if origin else module.encode())
-    return digest.hexdigest()[:16]
+    return code_digest(_DECIDING_MODULES)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> str:
+    """blake2b of the whole file, once per process per version of the file: a file replaced
+    in place (or by `cp -p`, `rsync -t`, tar) changes its ctime or inode even where its size
+    and mtime stay, and is read again."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _file_stamp(path: str | Path) -> dict[str, Any]:
+    """What identifies a weights file: its path, size and content hash. The whole file is
+    hashed (~0.1 s per 100 MB, from the page cache the load fills anyway): a hash of its ends
+    would miss a fine-tune that changed only the middle layers of a same-size file."""
     resolved = Path(path).expanduser().resolve()
     stat = resolved.stat()  # a missing file: OSError, and the network is built (and says so)
-    return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    content = _content_hash(
+        str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+    )
+    return {"path": str(resolved), "size": stat.st_size, "blake2b": content}
 
 
 def weights_stamp(cfg: StudyConfig) -> dict[str, Any] | None:
@@ -234,8 +301,8 @@ def cached_facts(cache: ExplanationCache, key: str | None) -> ModelFacts | None:
         return None
     try:
         return ModelFacts.from_meta(entry.meta)
-    except (KeyError, TypeError) as error:
-        cache.discard(FACTS_KIND, key, f"unreadable model facts: {error}")
+    except (KeyError, TypeError, ValueError) as error:
+        cache.discard(FACTS_KIND, key, f"unusable model facts: {describe(error)}")
         return None
 
 

@@ -2,8 +2,10 @@
 
 The classifier's network is exported once with torch.onnx (TorchScript exporter, dynamic batch)
 and the graph cached by model identity under ``<cache dir>/onnx/``. Every session, fresh or
-cached, is checked against torch's logits on a probe batch before it is used, so a graph that
-does not reproduce the model is never run. Gradients, hooks and bf16 stay in torch.
+cached, is checked against torch's logits at each batch size it will run (one image, a partial
+chunk, the full chunk) before it is used, so a graph that does not reproduce the model at any of
+them (a batch axis fixed at export, a reshape that bakes the batch in) is never run. Gradients,
+hooks and bf16 stay in torch.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 EXPORT_PROTOCOL = 1  # bump when the export changes (names, axes, opset)
-PROBE_IMAGES = 2
+PROBE_IMAGES = 2  # the probe batch where no chunk size is given
+PARTIAL_CHUNK = 3  # a last, partial chunk of LIME's samples or Score-CAM's masks
 BATCH_AXIS = "batch"
 
 
@@ -133,20 +136,41 @@ class OnnxNetwork:
         return torch.from_numpy(self._run(self.fixed, pixels))
 
 
-def _check_parity(network: OnnxNetwork, model: nn.Module, input_size: int) -> None:
+def probe_batches(fixed_batch: int | None) -> tuple[int, ...]:
+    """The batch sizes a session is checked at: the chunks `inference.forward_logits` runs are
+    1 to `fixed_batch` images (one image, a partial last chunk, a full chunk)."""
+    return tuple(sorted({1, PARTIAL_CHUNK, fixed_batch or PROBE_IMAGES}))
+
+
+def _check_parity(
+    network: OnnxNetwork, model: nn.Module, input_size: int, batches: tuple[int, ...]
+) -> None:
+    axis = network.session.get_inputs()[0].shape[0]
+    if isinstance(axis, int):
+        raise EngineUnavailableError(f"its batch size is fixed at {axis}")
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(PROBE_IMAGES, 3, input_size, input_size, generator=generator)
+    probe = torch.randn(max(batches), 3, input_size, input_size, generator=generator)
     with torch.inference_mode():
-        expected = model(probe).float()
-    found = network(probe)
-    tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
-    if found.shape != expected.shape:
-        raise EngineUnavailableError(
-            f"its logits have shape {tuple(found.shape)}, torch's {tuple(expected.shape)}"
-        )
-    difference = float((found - expected).abs().max())
-    if not difference <= tolerance:
-        raise EngineUnavailableError(f"its logits differ from torch's by {difference:.2g}")
+        reference = model(probe).float()
+    for size in batches:
+        expected = reference[:size]
+        try:
+            found = network(probe[:size])
+        except Exception as error:  # noqa: BLE001 - a graph that cannot run this batch size
+            raise EngineUnavailableError(
+                f"it fails at batch {size}: {describe(error, 120)}"
+            ) from None
+        if found.shape != expected.shape:
+            raise EngineUnavailableError(
+                f"its logits at batch {size} have shape {tuple(found.shape)}, torch's "
+                f"{tuple(expected.shape)}"
+            )
+        tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+        difference = float((found - expected).abs().max())
+        if not difference <= tolerance:
+            raise EngineUnavailableError(
+                f"its logits at batch {size} differ from torch's by {difference:.2g}"
+            )
 
 
 def _checked_session(
@@ -154,7 +178,7 @@ def _checked_session(
 ) -> OnnxNetwork:
     try:
         network = OnnxNetwork(graph, threads, fixed_batch)
-        _check_parity(network, model, input_size)
+        _check_parity(network, model, input_size, probe_batches(fixed_batch))
     except EngineUnavailableError:
         raise
     except Exception as error:  # noqa: BLE001 - any runtime failure means "use torch"
@@ -174,7 +198,8 @@ def onnx_network(
 
     Its sessions run `threads` intra-op threads (None: `threads.threads_in_use`).
 
-    A cached graph that cannot be read or does not reproduce the model is exported again.
+    A cached graph that cannot be read or does not reproduce the model at every batch size it
+    will run is exported again (one warning).
     Raises `EngineUnavailableError` (one line) when onnxruntime is missing, the export fails or the
     graph's logits differ from torch's.
     """
@@ -190,7 +215,7 @@ def onnx_network(
         try:
             return _checked_session(path.read_bytes(), model, input_size, fixed_batch, threads)
         except (OSError, EngineUnavailableError) as error:
-            log.debug("cached ONNX graph %s is not used (%s); exporting again", path, error)
+            log.warning("cached ONNX graph %s is not used (%s); exporting again", path.name, error)
             with contextlib.suppress(OSError):
                 path.unlink()
     try:

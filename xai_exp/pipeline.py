@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from xai_exp.cache import ExplanationCache, cache_key
+from xai_exp.cache import ExplanationCache, cache_key, code_digest
 from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, lime_seeds, target_choice
 from xai_exp.data import ImageItem
 from xai_exp.errors import describe
@@ -43,9 +43,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ALGORITHM_VERSION = 1  # bump when a change alters what an explanation computes
+ALGORITHM_VERSION = 1  # bump when a change outside xai_exp's code alters what a step computes
 VIEW_VERSION = 2  # of the model's view in cache keys (2: its library's transform, exactly)
 FORWARD_ONLY = ("scorecam",)  # CAM methods whose fast path runs logits-only forward passes
+
+# The modules whose code computes each cached step: their source is part of the step's keys
+# (`cache.code_digest`), so editing them recomputes its entries and editing others does not.
+# A step that depends on another's entry has that entry's key (and so its code) in its own.
+# the decoded image (orientation, bit depth) and the explained view (resize, crop) every step
+# starts from
+_VIEW = ("xai_exp.data", "xai_exp.views")
+_NETWORK = ("xai_exp.models", "xai_exp.architectures")  # normalisation, token reshape
+_FORWARD = ("xai_exp.inference", "xai_exp.onnx_engine")  # logits-only forward passes
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "prediction": (*_VIEW, "xai_exp.models"),
+    "cam": (*_VIEW, *_NETWORK, "xai_exp.explainers.cam"),
+    "fast cam": ("xai_exp.explainers.fast_cam",),  # added where the fast path runs
+    "segments": (*_VIEW, "xai_exp.explainers.superpixels"),
+    "lime": (*_VIEW, *_NETWORK, *_FORWARD, "xai_exp.explainers.lime"),
+    "faithfulness": (*_NETWORK, *_FORWARD, "xai_exp.faithfulness"),
+    "sanity": (*_NETWORK, "xai_exp.sanity", "xai_exp.agreement"),
+}
+
+
+def step_code(*steps: str) -> str:
+    """The code digest of the modules that compute these steps (`STEP_CODE`)."""
+    return code_digest(module for step in steps for module in STEP_CODE[step])
 
 
 def library_versions() -> dict[str, str]:
@@ -70,22 +93,94 @@ def superpixel_worker_count(setting: int | None, device_type: str) -> int:
     return max(1, min(4, cpu_share().threads - 1))
 
 
-def _shape_problem(
-    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int | None, ...]]
+@dataclass(frozen=True)
+class Expect:
+    """What one array of a step's output must be: its shape (None: any length), its dtype kind
+    (``f`` floats, ``i`` integers, ``U`` text) and, for numbers, its range. Floats must be
+    finite (NaN too where `nan` allows it)."""
+
+    shape: tuple[int | None, ...]
+    kind: str = "f"
+    low: float | None = None
+    high: float | None = None
+    nan: bool = False
+
+
+_KINDS = {"f": ("f", "floats"), "i": ("iu", "integers"), "U": ("U", "text")}
+_ROUNDING = 1e-6  # range bounds allow float rounding
+
+
+def _array_problem(name: str, array: np.ndarray, expect: Expect) -> str | None:
+    found = array.shape
+    fits = len(found) == len(expect.shape) and all(
+        e is None or e == f for e, f in zip(expect.shape, found, strict=True)
+    )
+    if not fits:
+        return f"{name!r} has shape {found}, expected {expect.shape}"
+    if array.size == 0:
+        return f"{name!r} is empty"
+    kinds, words = _KINDS[expect.kind]
+    if array.dtype.kind not in kinds:
+        return f"{name!r} has dtype {array.dtype}, expected {words}"
+    if expect.kind == "U":
+        return None
+    values = array[~np.isnan(array)] if expect.kind == "f" and expect.nan else array
+    if expect.kind == "f" and not np.all(np.isfinite(values)):
+        return f"{name!r} has non-finite values"
+    if values.size and expect.low is not None and float(values.min()) < expect.low - _ROUNDING:
+        return f"{name!r} has values below {expect.low:g} ({float(values.min()):.4g})"
+    if values.size and expect.high is not None and float(values.max()) > expect.high + _ROUNDING:
+        return f"{name!r} has values above {expect.high:g} ({float(values.max()):.4g})"
+    return None
+
+
+def _entry_problem(
+    arrays: Mapping[str, np.ndarray],
+    expected: Mapping[str, Expect],
+    check: Callable[[Mapping[str, np.ndarray]], str | None] | None = None,
 ) -> str | None:
-    """Why cached arrays do not fit the step (None when they do)."""
-    for name, shape in expected.items():
+    """Why a step's arrays are not what it computes (None when they are): each array's shape,
+    dtype and range, then `check` (what relates the values: ids, sums, lengths)."""
+    for name, expect in expected.items():
         if name not in arrays:
             return f"no {name!r} array"
-        found = arrays[name].shape
-        fits = len(found) == len(shape) and all(
-            e is None or e == f for e, f in zip(shape, found, strict=True)
-        )
-        if not fits:
-            return f"{name!r} has shape {found}, expected {shape}"
-        if arrays[name].size == 0:
-            return f"{name!r} is empty"
+        problem = _array_problem(name, arrays[name], expect)
+        if problem is not None:
+            return problem
+    return None if check is None else check(arrays)
+
+
+def _seconds_problem(meta: Any) -> str | None:
+    seconds = meta.get("seconds") if isinstance(meta, dict) else None
+    if seconds is None:
+        return "no seconds recorded"
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return f"seconds recorded as {type(seconds).__name__}"
+    if not 0 <= seconds < float("inf"):
+        return f"seconds recorded as {seconds}"
     return None
+
+
+def _contiguous_ids(arrays: Mapping[str, np.ndarray]) -> str | None:
+    ids = np.unique(arrays["segments"])
+    if ids[0] != 0 or ids[-1] != len(ids) - 1:
+        return f"superpixel ids are not 0..n-1 ({len(ids)} ids from {ids[0]} to {ids[-1]})"
+    return None
+
+
+def _sums_to_one(arrays: Mapping[str, np.ndarray]) -> str | None:
+    total = float(np.sum(arrays["probabilities"], dtype=np.float64))
+    return None if abs(total - 1) <= 1e-3 else f"probabilities sum to {total:.4g}, not 1"
+
+
+def _curves_of_one_length(arrays: Mapping[str, np.ndarray]) -> str | None:
+    lengths = {len(arrays[name]) for name in ("fractions", "deletion", "insertion")}
+    return None if len(lengths) == 1 else f"curves of lengths {sorted(lengths)}"
+
+
+def _one_name_per_rho(arrays: Mapping[str, np.ndarray]) -> str | None:
+    rho, layers = arrays["rho"], arrays["layers"]
+    return None if len(rho) == len(layers) else f"{len(rho)} rho for {len(layers)} layers"
 
 
 @dataclass(frozen=True)
@@ -166,29 +261,36 @@ class Study:
         kind: str,
         key: str,
         compute: Callable[[], dict[str, np.ndarray] | tuple[dict[str, np.ndarray], float]],
-        expected: Mapping[str, tuple[int | None, ...]],
+        expected: Mapping[str, Expect],
         count: bool = True,
+        check: Callable[[Mapping[str, np.ndarray]], str | None] | None = None,
     ) -> Step:
         """The step from the cache, or computed now and stored.
 
         `compute` returns the arrays, or the arrays and the seconds spent elsewhere (a worker
-        process). `expected` gives each array's shape (None: any length); a cached entry
-        without them is discarded and recomputed. `count` says whether it is an explanation
-        (counted in computed/reused) or a metric.
+        process). `expected` gives each array's shape (None: any length), dtype and range, and
+        `check` what relates their values; a cached entry that is not so (damaged, written by
+        other code, forged with a valid checksum) is discarded with one warning and recomputed,
+        and a computed output that is not so (a NaN map) is used but not stored. `count` says
+        whether it is an explanation (counted in computed/reused) or a metric.
         """
         entry = self.cache.load(kind, key)
         if entry is not None:
-            problem = _shape_problem(entry.arrays, expected)
-            if problem is None and "seconds" in entry.meta:
+            problem = _entry_problem(entry.arrays, expected, check) or _seconds_problem(entry.meta)
+            if problem is None:
                 self.reused += count
                 return Step(entry.arrays, float(entry.meta["seconds"]), True, key)
-            self.cache.discard(kind, key, problem or "no seconds recorded")
+            self.cache.discard(kind, key, problem)
         start = time.perf_counter()
         output = compute()
         seconds = time.perf_counter() - start
         arrays, seconds = output if isinstance(output, tuple) else (output, seconds)
         self.computed += count
-        self.cache.store(kind, key, arrays, {"seconds": seconds, "kind": kind})
+        problem = _entry_problem(arrays, expected, check)
+        if problem is None:
+            self.cache.store(kind, key, arrays, {"seconds": seconds, "kind": kind})
+        else:
+            log.debug("%s not cached: %s", kind, problem)
         return Step(arrays, seconds, False, key)
 
     def _engine_key(self, runs_forward_passes: bool) -> dict[str, Any]:
@@ -235,20 +337,24 @@ class Study:
             model=self.facts.identity,
             precision=self.precision,
             versions=[self.versions["torch"]],
+            code=step_code("prediction"),
         )
         classes = len(self.facts.labels)
         step = self._cached(
             "prediction",
             key,
             lambda: {"probabilities": self.classifier.predict(view, self.precision)[0]},
-            {"probabilities": (classes,)},
+            {"probabilities": Expect((classes,), low=0, high=1)},
             count=False,
+            check=_sums_to_one,
         )
         return step.arrays["probabilities"]
 
     def cam(self, item: ImageItem, view: np.ndarray, target: int) -> Step:
         """CAM map (``arrays["cam"]``) for the image's view and target class."""
         method = self.cfg.method
+        fast = self.facts.cam_implementation(method.name, method.implementation) == "fast"
+        forward_only = method.name in FORWARD_ONLY and method.implementation == "fast"
         key = cache_key(
             **self._base_key(item),
             kind="cam",
@@ -259,13 +365,20 @@ class Study:
             precision=self.precision,
             target=target,
             versions=[self.versions[n] for n in ("torch", "torchvision", "grad-cam")],
-            **self._engine_key(method.name in FORWARD_ONLY and method.implementation == "fast"),
+            code=code_digest(
+                [
+                    *STEP_CODE["cam"],
+                    *(STEP_CODE["fast cam"] if fast else ()),
+                    *(_FORWARD if fast and forward_only else ()),
+                ]
+            ),
+            **self._engine_key(forward_only),
         )
         return self._cached(
             "cam",
             key,
             lambda: {"cam": self._cam_map(self.classifier, view, target)},
-            {"cam": view.shape[:2]},
+            {"cam": Expect(view.shape[:2])},
         )
 
     def _segments_key(self, item: ImageItem) -> str:
@@ -276,6 +389,7 @@ class Study:
             algorithm=seg.algorithm,
             params=dict(seg.params),
             versions=[self.versions[n] for n in ("scikit-image", "lime")],
+            code=step_code("segments"),
         )
 
     def segments(self, item: ImageItem, view: np.ndarray) -> Step:
@@ -292,7 +406,8 @@ class Study:
                 return {"segments": queued[0]}, queued[1]
             return {"segments": segment(view, seg.algorithm, dict(seg.params))}
 
-        return self._cached("segments", key, compute, {"segments": view.shape[:2]})
+        expected = {"segments": Expect(view.shape[:2], "i", low=0)}
+        return self._cached("segments", key, compute, expected, check=_contiguous_ids)
 
     def prefetch(self, item: ImageItem) -> None:
         """Queue the image's superpixels in a worker process, unless they are cached."""
@@ -324,6 +439,7 @@ class Study:
             implementation=cfg.implementation,
             precision=self.precision,
             versions=[self.versions[n] for n in ("torch", "torchvision", "lime")],
+            code=step_code("lime"),
             **self._engine_key(cfg.implementation == "fast"),
         )
 
@@ -346,7 +462,7 @@ class Study:
             return {"weights": explanation.weights}
 
         superpixels = int(segments.arrays["segments"].max()) + 1
-        return self._cached("lime", key, compute, {"weights": (superpixels,)})
+        return self._cached("lime", key, compute, {"weights": Expect((superpixels,))})
 
     # -- metrics beyond IoU (cached: a threshold sweep recomputes none of them) -------------
     def faithfulness(
@@ -366,6 +482,7 @@ class Study:
                 else {"steps": metrics.steps, "baseline": metrics.baseline}
             ),
             algorithm_version=ALGORITHM_VERSION,
+            code=step_code("faithfulness"),
             **self._engine_key(True),
         )
 
@@ -387,8 +504,12 @@ class Study:
             }
 
         points = (None,) if metrics.protocol == "rise" else (metrics.steps + 1,)
-        expected = {"fractions": points, "deletion": points, "insertion": points}
-        arrays = self._cached("faithfulness", key, compute, expected, count=False).arrays
+        expected = {
+            name: Expect(points, low=0, high=1) for name in ("fractions", "deletion", "insertion")
+        }
+        arrays = self._cached(
+            "faithfulness", key, compute, expected, count=False, check=_curves_of_one_length
+        ).arrays
         return FaithfulnessCurves.from_scores(
             arrays["fractions"], arrays["deletion"], arrays["insertion"], metrics.protocol
         )
@@ -404,6 +525,7 @@ class Study:
             layers=metrics.sanity_layers,
             protocol=2,  # 2: Quantus-style resets (running statistics too); degenerate = NaN
             algorithm_version=ALGORITHM_VERSION,
+            code=step_code("sanity"),
         )
 
         def compute() -> dict[str, np.ndarray]:
@@ -417,8 +539,12 @@ class Study:
                 "layers": np.array([name for name, _ in result.correlations]),
             }
 
+        expected = {
+            "rho": Expect((None,), low=-1, high=1, nan=True),
+            "layers": Expect((None,), "U"),
+        }
         arrays = self._cached(
-            "sanity", key, compute, {"rho": (None,), "layers": (None,)}, count=False
+            "sanity", key, compute, expected, count=False, check=_one_name_per_rho
         ).arrays
         steps = [
             (str(name), float(rho))
