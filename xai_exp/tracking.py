@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -124,12 +125,45 @@ def store_creation_lock(uri: str) -> Iterator[None]:
         os.close(handle)  # releases the lock
 
 
+def unwritable(uri: str) -> str | None:
+    """Why a sqlite store cannot be written (a read-only file or folder), else None.
+
+    MLflow would retry opening a new database for minutes, or fail each write of a run with a
+    traceback. This tries what SQLite needs, root-proof (``chattr +i``, a read-only mount):
+    opening the file for writing and creating a file (its journal) in its folder.
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    folder = path.parent
+    if not folder.is_dir():
+        return None  # MLflow's own error names the missing folder
+    try:
+        if path.exists():
+            with path.open("r+b"):
+                pass
+    except OSError as error:
+        return f"cannot write {path}: {error.strerror or error}"
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".xai-exp-write-test-"):
+            pass
+    except OSError as error:
+        return f"cannot create a file in {folder}: {error.strerror or error}"
+    return None
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Client and experiment id (created when missing); one line when the store is unusable.
 
     Creating the experiment here, once, before any job starts avoids parallel jobs racing to
-    create it in the same store.
+    create it in the same store. A read-only sqlite store is one line at once (`unwritable`).
     """
+    problem = unwritable(uri)
+    if problem is not None:
+        raise TrackingError(
+            f"tracking store {redact_uri(uri)} is read-only ({problem}); make it writable, "
+            "or set tracking.uri=sqlite:///A/WRITABLE/FILE.db (or tracking=none)"
+        )
     try:
         with fail_fast_http(), store_creation_lock(uri):
             client = MlflowClient(tracking_uri=uri)
