@@ -88,3 +88,54 @@ def test_a_writable_store_passes(tmp_path, empty_mlflow_db):
     shutil.copyfile(empty_mlflow_db, tmp_path / "old.db")
     assert unwritable(f"sqlite:///{tmp_path / 'old.db'}") is None
     assert list(tmp_path.iterdir()) == [tmp_path / "old.db"]  # the probe leaves nothing
+
+
+# --------------------------------------------------------------------------- CSV cells
+
+
+def test_inert_cells_round_trip():
+    for value in ["=1+1", "+cmd", "-stem", "@SUM(A1)", "\tx", "\rx", "'=x", "''-y"]:
+        assert inert_cell(value).startswith("'")
+        assert plain_cell(inert_cell(value)) == value
+    for value in ["plain", "-0.5", "+1e-3", "'quoted", 0.5, None]:
+        assert inert_cell(value) == value
+        assert plain_cell(value) == value
+
+
+def test_artifact_stems_and_compare_csvs_never_start_like_a_formula(tracking_store, make_study_run):
+    store = tracking_store
+    images = [FakeImage("=HYPERLINK(1)", 0.8, stem="-cmd"), FakeImage("@b", 0.2, stem="+b")]
+    for fraction in (0.1, 0.2):
+        run = make_study_run(store.client, store.experiment_id, images, cam_top_fraction=fraction)
+        local = Path(store.client.download_artifacts(run.run_id, "results.csv", str(store.root)))
+        with local.open(encoding="utf-8") as file:  # as ResultsWriter writes it
+            rows = [{k: inert_cell(v) for k, v in row.items()} for row in csv.DictReader(file)]
+        assert rows[0]["artifact_stem"] == "'-cmd"
+        with local.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        store.client.log_artifact(run.run_id, str(local))
+    out = store.root / "report"
+    comparison = cmp.compare(store.uri, out_dir=out)
+    assert sorted(comparison.images["image"].unique()) == ["=HYPERLINK(1)", "@b"]  # read back
+    page = (out / cmp.HTML_NAME).read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") >= 3  # the overlays -cmd.png, +b.png found
+    written = [out / name for name in (cmp.CSV_NAME, cmp.GRID_NAME, cmp.PAIRED_NAME)]
+    written.append(out / cmp.MATRIX_NAME)
+    texts = []
+    for path in written:
+        with path.open(encoding="utf-8", newline="") as file:
+            cells = [cell for row in csv.reader(file) for cell in row]
+        texts += cells
+        starts = [cell for cell in cells if cell.startswith(FORMULA_START)]
+        assert [c for c in starts if not _is_number(c)] == [], path.name
+    assert "'=HYPERLINK(1)" in texts
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
