@@ -139,3 +139,60 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------- superpixels
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "params", "said"),
+    [
+        ("quickshift", {"kernel_size": -3}, "kernel_size=-3 must be > 0"),
+        ("quickshift", {"max_dist": 0}, "max_dist=0 must be > 0"),
+        ("quickshift", {"ratio": 1.5}, "ratio=1.5 must be in [0, 1]"),
+        ("slic", {"n_segments": 0}, "n_segments=0 must be >= 1"),
+        ("slic", {"compactness": -1.0}, "compactness=-1.0 must be > 0"),
+        ("felzenszwalb", {"scale": 0}, "scale=0 must be > 0"),
+        ("felzenszwalb", {"min_size": -1}, "min_size=-1 must be >= 0"),
+        ("felzenszwalb", {"sigma": float("nan")}, "sigma=nan must be"),
+    ],
+)
+def test_superpixel_numbers_outside_their_range_are_config_errors(algorithm, params, said):
+    with pytest.raises(ConfigError, match=None) as raised:
+        check_segmentation(algorithm, params)
+    assert said in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_presets_superpixel_numbers_pass():
+    check_segmentation("quickshift", {"kernel_size": 4, "max_dist": 200, "ratio": 0.2})
+    check_segmentation("slic", {"n_segments": 50, "compactness": 10, "sigma": 1, "start_label": 0})
+    check_segmentation("felzenszwalb", {"scale": 100, "sigma": 0.5, "min_size": 50})
+
+
+def test_a_negative_kernel_size_is_one_line_before_any_compute(tmp_path):
+    line = one_line(run_cli(tmp_path, "tracking=none", "lime.segmentation.params.kernel_size=-3"))
+    assert "kernel_size=-3 must be > 0 for quickshift" in line
+    assert not (tmp_path / "cache").exists()  # nothing computed
+
+
+def test_an_unset_superpixel_parameter_without_plus_names_the_plus():
+    conf = config_dir()
+    said = problem(["lime.segmentation.params.sigma=1"], conf)
+    assert said is not None
+    assert "add it with +lime.segmentation.params.sigma=1" in said
+    said = problem(["lime.segmentation.params.foo=1"], conf)
+    assert said is not None
+    assert "quickshift takes no 'foo'" in said
+    assert "+lime.segmentation.params.NAME=VALUE" in said
+    said = problem(["lime=slic", "lime.segmentation.params.max_dist=3"], conf)
+    assert said is not None
+    assert "slic takes no 'max_dist'" in said
+    assert problem(["lime.segmentation.params.kernel_size=3"], conf) is None  # the preset's
+    assert problem(["+lime.segmentation.params.sigma=1"], conf) is None  # added on purpose
+    assert problem(["lime=slic", "lime.segmentation.params.n_segments=9"], conf) is None
+
+
+def test_an_unset_superpixel_parameter_is_one_line_from_the_command(tmp_path):
+    line = one_line(run_cli(tmp_path, "tracking=none", "lime.segmentation.params.foo=1"))
+    assert "+lime.segmentation.params" in line
