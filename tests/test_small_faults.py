@@ -196,3 +196,30 @@ def test_an_unset_superpixel_parameter_without_plus_names_the_plus():
 def test_an_unset_superpixel_parameter_is_one_line_from_the_command(tmp_path):
     line = one_line(run_cli(tmp_path, "tracking=none", "lime.segmentation.params.foo=1"))
     assert "+lime.segmentation.params" in line
+
+
+# --------------------------------------------------------------------------- LIME weights
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-32, -1e-20])
+def test_lime_weights_all_zero_are_degenerate(value):
+    segments = np.repeat(np.arange(4), 4).reshape(4, 4)
+    weights = np.full(4, value)
+    with pytest.raises(DegenerateMapError, match="LIME weights are all zero"):
+        lime_top_k_mask(segments, weights, 2)
+    with pytest.raises(DegenerateMapError, match="LIME weights are all zero"):
+        lime_area_matched_mask(segments, weights, 4)
+    assert lime_top_k_mask(segments, np.array([1e-6, 0, 0, 0]), 2).sum() == 4  # small is fine
+
+
+def test_a_black_image_is_flagged_not_compared(tmp_path):
+    lime = LimeConfig(num_samples=40, batch_size=16)  # quickshift: one superpixel, weight 1e-32
+    lime.segmentation.params = {"kernel_size": 4, "max_dist": 200, "ratio": 0.2}
+    study = Study(
+        StudyConfig(lime=lime, progress=False), tiny_classifier(), ExplanationCache(tmp_path)
+    )
+    black = np.zeros((32, 32, 3), np.uint8)
+    [result] = run_study(study, [ImageItem("black", "black", black, "h0", "black")], progress=False)
+    assert result.status.value == "flagged", result.reason
+    assert "LIME weights are all zero" in result.reason
+    assert result.iou is None
