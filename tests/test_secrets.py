@@ -127,3 +127,13 @@ def test_a_bad_port_is_one_line_without_the_password(tmp_path, free_port, port):
         assert "ana:***@" in lines[0]
         assert SECRET not in output
         assert _files_with_secret(tmp_path) == []
+
+
+def test_compare_never_prints_a_query_secret(free_port, capsys):
+    from xai_exp.cli import main
+
+    uri = f"http://127.0.0.1:{free_port}/?access_token={SECRET}"
+    assert main(["compare", "--tracking-uri", uri]) == 2
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    assert "access_token=***" in out.err
