@@ -137,3 +137,21 @@ def test_compare_never_prints_a_query_secret(free_port, capsys):
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err
     assert "access_token=***" in out.err
+
+
+@pytest.mark.slow
+def test_a_query_secret_in_a_sqlite_uri_is_masked_in_a_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}?password={SECRET}"  # SQLAlchemy ignores it
+    args = [sys.executable, str(RUN_PY), "-m", f'tracking.uri="{uri}"']
+    args += [f"cache.dir={tmp_path}/cache", *TINY_STUDY, "lime.seed=0,1"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert SECRET not in output, output
+    assert "password=***" in output
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("xai-exp").experiment_id)
+    assert len(runs) == 3
+    for run in runs:
+        assert SECRET not in _run_texts(client, run.info.run_id)
+    assert _files_with_secret(tmp_path) == []
