@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xai_exp import overrides, signals, startup, versions
+from xai_exp import masking, overrides, signals, startup, versions
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.data import DataError
 from xai_exp.errors import ModelLoadError
@@ -139,6 +139,8 @@ def user_message(error: BaseException) -> str | None:
 def run_job(cfg: DictConfig) -> float:
     """Hydra task: one clear line for user errors, a FAILED run for anything else."""
     context = job_context(startup.job_started())
+    masking.protect_output()  # a job in another process (the joblib launcher) masks its own
+    masking.remember(str(cfg.get("tracking", {}).get("uri", "")))
     try:
         with signals.interruptible():  # Hydra's own code between jobs is never interrupted
             return execute(to_study_config(cfg), context)
@@ -166,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--version" in args:  # Hydra's own would name Hydra's version alone
         print(versions.version_line())
         return 0
+    masking.remember(*args)  # secrets in overrides (tracking.uri=http://u:pw@...) are
+    masking.protect_output()  # masked in all Hydra, MLflow and we print, log and store
     args = overrides.expand_home(args)
     sys.argv = [sys.argv[0], *args]
     problem = override_problem(args)

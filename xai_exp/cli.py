@@ -152,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from xai_exp.app import main as run_studies
 
         return run_studies(argv[1:])
+    from xai_exp import masking
+
+    masking.remember(*argv)  # a password in --tracking-uri: masked in all that is printed
+    masking.protect_output()
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         return _compare(args)

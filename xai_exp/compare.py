@@ -41,7 +41,7 @@ from xai_exp.data import SUPPORTED_EXTENSIONS, safe_artifact_stem
 from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
 from xai_exp.method_agreement import MATRIX_COLUMNS, MapSource, agreement_matrix
-from xai_exp.outputs import KEYS_CSV
+from xai_exp.outputs import KEYS_CSV, inert_frame, plain_cell
 from xai_exp.report import GalleryItem, gallery_rows, gallery_size, render_html, settings_text
 from xai_exp.results import METRICS, MetricSpec, Stat, Status, interval_names
 from xai_exp.statistics import (
@@ -325,7 +325,7 @@ def _numeric(series: pd.Series) -> pd.Series:
 
 def _images_from_csv(path: Path) -> pd.DataFrame:
     """Per-image rows from a results.csv (strings kept as written: an image named NA stays NA)."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False).map(plain_cell)
     return pd.DataFrame(
         {
             "image": _column(frame, "image", "").astype(str),
@@ -790,7 +790,7 @@ def _run_keys(client: MlflowClient, run: Run, workdir: Path) -> dict[str, dict[s
         local = client.download_artifacts(run_id, KEYS_CSV, str(workdir / "keys" / run_id))
     except (MlflowException, OSError):
         return {}
-    frame = pd.read_csv(local, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(local, dtype=str, keep_default_na=False).map(plain_cell)
     return {row["image"]: {k: row[k] for k in ("cam", "segments", "lime")} for _, row in
             frame.iterrows()}  # fmt: skip
 
@@ -844,7 +844,7 @@ def write_outputs(
     """comparison.csv, iou_per_image.csv, iou_vs_threshold.png and report.html in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / CSV_NAME
-    comparison.table.to_csv(csv_path, index=False)
+    inert_frame(comparison.table).to_csv(csv_path, index=False)
     figure = plots.iou_vs_threshold(comparison.table, comparison.settings)
     plot_path = plots.save_figure(figure, out_dir / PLOT_NAME)
     overlays = _Overlays(client, workdir)
@@ -868,12 +868,12 @@ def write_outputs(
     ]
     grid = iou_grid(comparison)
     grid_path = out_dir / GRID_NAME
-    grid.to_csv(grid_path)
+    inert_frame(grid).to_csv(grid_path)
     paired_path = out_dir / PAIRED_NAME
-    comparison.paired.to_csv(paired_path, index=False)
+    inert_frame(comparison.paired).to_csv(paired_path, index=False)
     comparison.methods = method_agreement(client, comparison, workdir)
     matrix_path = out_dir / MATRIX_NAME
-    comparison.methods.to_csv(matrix_path, index=False)
+    inert_frame(comparison.methods).to_csv(matrix_path, index=False)
     page = render_html(
         title,
         meta,

@@ -64,8 +64,19 @@ def lime_area_matched_mask(
     return np.isin(segments, chosen)
 
 
+ZERO_WEIGHT = 1e-12  # LIME weights all below this (a black image's 1e-32) rank nothing
+
+
 def _positive_by_weight(weights: np.ndarray) -> np.ndarray:
-    """Ids of positive-weight superpixels, largest weight first (stable on ties)."""
+    """Ids of positive-weight superpixels, largest weight first (stable on ties).
+
+    Weights that are all zero (below `ZERO_WEIGHT`, as LIME gives a black image) or not finite
+    are degenerate, like a constant CAM: the ranking would be noise."""
+    if not np.all(np.isfinite(weights)):
+        raise DegenerateMapError("LIME weights have NaN or infinite values")
+    largest = float(np.abs(weights).max()) if weights.size else 0.0
+    if largest < ZERO_WEIGHT:
+        raise DegenerateMapError(f"LIME weights are all zero (largest |weight| {largest:.3g})")
     order = np.argsort(-weights, kind="stable")
     positive = order[weights[order] > 0]
     if positive.size == 0:

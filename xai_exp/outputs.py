@@ -42,11 +42,35 @@ T = TypeVar("T")
 log = logging.getLogger("xai_exp")
 
 
+def _quoted(value: Any) -> bool:
+    """A cell that `inert_cell` quotes: it starts like a formula, after any quotes."""
+    if not isinstance(value, str) or not value.lstrip("'").startswith(FORMULA_START):
+        return False
+    try:
+        float(value)  # a number (-0.5, +1e-3) is no formula: it stays a number
+    except ValueError:
+        return True
+    return False
+
+
 def inert_cell(value: Any) -> Any:
-    """A text cell a spreadsheet shows as text: one starting like a formula gets a quote."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
-        return "'" + value
-    return value
+    """A text cell a spreadsheet shows as text: one starting like a formula (``= + - @``, tab,
+    CR) gets a leading quote. The one sanitiser of every CSV xai-exp writes (results.csv and
+    its ``artifact_stem``, compare's CSVs); `plain_cell` reads it back."""
+    return "'" + value if _quoted(value) else value
+
+
+def plain_cell(value: Any) -> Any:
+    """The value `inert_cell` was given (a quoted formula-like cell without its quote)."""
+    return value[1:] if _quoted(value) and value.startswith("'") else value
+
+
+def inert_frame(frame: Any) -> Any:
+    """A pandas DataFrame with `inert_cell` applied to every cell, index and column label."""
+    out = frame.map(inert_cell)
+    out.index = out.index.map(inert_cell)
+    out.columns = out.columns.map(inert_cell)
+    return out
 
 
 class OverlayPlan:
@@ -179,10 +203,7 @@ class ResultsWriter:
 
     def __call__(self, index: int, result: ImageResult) -> None:
         self.results.append(result)
-        row = {
-            key: value if key == "artifact_stem" else inert_cell(value)
-            for key, value in result.row().items()
-        }
+        row = {key: inert_cell(value) for key, value in result.row().items()}
         what = f"row of {result.name}"
         self.attempt(self.csv_path, what, lambda: self._write_row(self.csv_path, row, "a"))
         if result.cache_keys:

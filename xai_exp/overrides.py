@@ -113,6 +113,57 @@ def unknown_key(overrides: Iterable[Override], conf: Path) -> str | None:
     return None
 
 
+SEGMENTATION_PARAMS = "lime.segmentation.params."
+
+
+def _plain(override: Override | None) -> str | None:
+    """The string an override sets, None when it is a sweep or not a string."""
+    if override is None or override.is_sweep_override():
+        return None
+    value = override.value()
+    return value if isinstance(value, str) else None
+
+
+def unset_superpixel_param(overrides: Sequence[Override], conf: Path) -> str | None:
+    """One line for ``lime.segmentation.params.NAME=V`` without ``+`` where the lime preset sets
+    no NAME (Hydra's own message is seven lines): the ``+`` to add it, or, when the algorithm
+    takes no such parameter, the ones it takes."""
+    from xai_exp.config import ConfigError
+    from xai_exp.explainers.superpixels import check_segmentation
+
+    by_key = {o.key_or_group: o for o in overrides}
+    if "experiment" in by_key:
+        return None  # an experiment may choose another preset: Hydra decides
+    preset = _plain(by_key.get("lime")) if "lime" in by_key else "default"
+    path = conf / "lime" / f"{preset}.yaml"
+    if preset is None or not path.is_file():
+        return None
+    preset_config = OmegaConf.to_container(OmegaConf.load(path))
+    segmentation = (
+        preset_config.get("segmentation") or {} if isinstance(preset_config, dict) else {}
+    )
+    params = set(segmentation.get("params") or {})
+    algorithm = _plain(by_key.get("lime.segmentation.algorithm")) or str(
+        segmentation.get("algorithm", "quickshift")
+    )
+    for override in overrides:
+        key = override.key_or_group
+        if not key.startswith(SEGMENTATION_PARAMS) or override.is_delete():
+            continue
+        if override.is_add() or override.is_force_add():
+            continue
+        name = key[len(SEGMENTATION_PARAMS) :]
+        if name in params:
+            continue
+        try:
+            check_segmentation(algorithm, {name: None})
+        except (ConfigError, AttributeError, ValueError) as error:
+            return f"{error}; add one of them with +{SEGMENTATION_PARAMS}NAME=VALUE"
+        value = override.input_line.partition("=")[2] if override.input_line else "VALUE"
+        return f"{key}: lime={preset} sets no {name}; add it with +{key}={value}"
+    return None
+
+
 def _values(override: Override) -> list[Any]:
     """The values an override sets: one, or each of a choice or range sweep (not a glob)."""
     if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
@@ -209,5 +260,5 @@ def problem(args: Sequence[str], conf: Path) -> str | None:
         o.key_or_group == "hydra.searchpath" for o in overrides
     )  # more config groups than conf/ has
     if found is None and not elsewhere:
-        found = unknown_choice(overrides, conf)
+        found = unknown_choice(overrides, conf) or unset_superpixel_param(overrides, conf)
     return found if found is not None else wrong_type(overrides, conf)

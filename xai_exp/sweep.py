@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from xai_exp.errors import describe
 from xai_exp.files import atomic_write_text
+from xai_exp.masking import mask
 from xai_exp.signals import deferred, shielded
 from xai_exp.tracking import (
     ROLE_TAG,
@@ -42,7 +43,7 @@ def record_failed_job(sweep_dir: str | Path | None, overrides: str, message: str
     """Note a job that failed before its run existed (a config error), for the parent."""
     if sweep_dir is None:
         return
-    line = json.dumps({"overrides": overrides, "error": message}) + "\n"
+    line = json.dumps({"overrides": mask(overrides), "error": mask(message)}) + "\n"
     with (Path(sweep_dir) / FAILED_JOBS_FILE).open("a", encoding="utf-8") as file:
         file.write(line)
 
@@ -111,7 +112,7 @@ class MlflowSweepCallback(Callback):
             raise SystemExit(2) from None
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        overrides = " ".join(config.hydra.overrides.task) or "(none)"
+        overrides = mask(" ".join(config.hydra.overrides.task)) or "(none)"
         with deferred():  # an interrupt here arrives once the parent is known, so it is closed
             self.parent = RunLogger.start(
                 client,
@@ -199,7 +200,9 @@ class MlflowSweepCallback(Callback):
         parent.log_metrics(counts)
         tags: dict[str, Any] = dict(counts)
         if refused:
-            tags["failed_jobs"] = "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
+            tags["failed_jobs"] = mask(
+                "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
+            )
         parent.set_tags(tags)
         status = "FAILED" if failed or refused else "KILLED" if interrupted else "FINISHED"
         parent.finish(status)

@@ -11,12 +11,12 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 try:
     import fcntl
@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from xai_exp.errors import describe
+from xai_exp.masking import mask, remember, secrets_in
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +46,17 @@ class TrackingError(RuntimeError):
 
 
 def redact_uri(uri: str) -> str:
-    """The URI without a password (safe to print, log and put in a report)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    """The URI without its secrets (safe to print, log and put in a report): the password of
+    its userinfo and secret query values (``?password=``, ``&token=``...), see `masking.mask`.
+    Never parses the URI, so a malformed one (a port out of range) is masked too."""
+    remember(uri)
+    return mask(uri)
 
 
 def scrub(text: str, uri: str) -> str:
-    """`text` with the URI's password masked (MLflow's errors quote the full request URL)."""
-    password = urlsplit(uri).password
-    return text.replace(f":{password}@", ":***@") if password else text
+    """`text` with the URI's secrets masked (MLflow's errors quote the full request URL)."""
+    remember(uri)
+    return mask(text, secrets_in(uri))
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -129,12 +126,45 @@ def store_creation_lock(uri: str) -> Iterator[None]:
         os.close(handle)  # releases the lock
 
 
+def unwritable(uri: str) -> str | None:
+    """Why a sqlite store cannot be written (a read-only file or folder), else None.
+
+    MLflow would retry opening a new database for minutes, or fail each write of a run with a
+    traceback. This tries what SQLite needs, root-proof (``chattr +i``, a read-only mount):
+    opening the file for writing and creating a file (its journal) in its folder.
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    folder = path.parent
+    if not folder.is_dir():
+        return None  # MLflow's own error names the missing folder
+    try:
+        if path.exists():
+            with path.open("r+b"):
+                pass
+    except OSError as error:
+        return f"cannot write {path}: {error.strerror or error}"
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".xai-exp-write-test-"):
+            pass
+    except OSError as error:
+        return f"cannot create a file in {folder}: {error.strerror or error}"
+    return None
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """Client and experiment id (created when missing); one line when the store is unusable.
 
     Creating the experiment here, once, before any job starts avoids parallel jobs racing to
-    create it in the same store.
+    create it in the same store. A read-only sqlite store is one line at once (`unwritable`).
     """
+    problem = unwritable(uri)
+    if problem is not None:
+        raise TrackingError(
+            f"tracking store {redact_uri(uri)} is read-only ({problem}); make it writable, "
+            "or set tracking.uri=sqlite:///A/WRITABLE/FILE.db (or tracking=none)"
+        )
     try:
         with fail_fast_http(), store_creation_lock(uri):
             client = MlflowClient(tracking_uri=uri)
@@ -430,27 +460,29 @@ class RunLogger:
         parent_run_id: str | None = None,
         heartbeat_s: float = HEARTBEAT_S,
     ) -> RunLogger:
-        """Create a run (a child of `parent_run_id` when given) that beats until `finish`."""
-        all_tags = {**process_tags(), **{key: str(value) for key, value in tags.items()}}
+        """Create a run (a child of `parent_run_id` when given) that beats until `finish`;
+        secrets in its name and tags (a swept tracking URI) are masked."""
+        all_tags = {**process_tags(), **{key: mask(str(value)) for key, value in tags.items()}}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        name = mask(run_name) if run_name else run_name
+        run = client.create_run(experiment_id, run_name=name, tags=all_tags)
         logger = cls(client, run.info.run_id, experiment_id, run.info.run_name)
         logger.beat(heartbeat_s)
         return logger
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Params in batches; values are stringified (None as 'null')."""
+        """Params in batches; values are stringified (None as 'null'), secrets masked."""
         items = [
-            Param(key, "null" if value is None else str(value)[:6000])
+            Param(key, "null" if value is None else mask(str(value))[:6000])
             for key, value in params.items()
         ]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Tags in one batch."""
-        items = [RunTag(key, str(value)[:5000]) for key, value in tags.items()]
+        """Tags in one batch (secrets masked)."""
+        items = [RunTag(key, mask(str(value))[:5000]) for key, value in tags.items()]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, tags=items[start : start + BATCH])
 

@@ -21,20 +21,53 @@ from xai_exp.config import ConfigError
 log = logging.getLogger(__name__)
 
 
+# The numbers each algorithm needs to segment anything; outside them every image fails.
+LIMITS: dict[str, dict[str, str]] = {
+    "quickshift": {"kernel_size": "> 0", "max_dist": "> 0", "ratio": "in [0, 1]", "sigma": ">= 0"},
+    "slic": {
+        "n_segments": ">= 1",
+        "compactness": "> 0",
+        "max_num_iter": ">= 1",
+        "sigma": ">= 0",
+        "min_size_factor": ">= 0",
+        "max_size_factor": "> 0",
+        "start_label": "in [0, 1]",
+    },
+    "felzenszwalb": {"scale": "> 0", "sigma": ">= 0", "min_size": ">= 0"},
+}
+_HOLDS = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
 def check_segmentation(algorithm: str, params: dict[str, Any]) -> None:
-    """ConfigError for a parameter the scikit-image algorithm does not take, or not a number."""
+    """ConfigError for a parameter the scikit-image algorithm does not take, not a number, or
+    a number outside what it can segment with (`LIMITS`: ``kernel_size=-3``, ``n_segments=0``)."""
     import inspect
+    import math
 
     import skimage.segmentation
 
     accepted = inspect.signature(getattr(skimage.segmentation, algorithm)).parameters
+    limits = LIMITS.get(algorithm, {})
     for name, value in params.items():
         key = f"lime.segmentation.params.{name}"
         if name not in accepted or name == "image":
             options = ", ".join(p for p in accepted if p != "image")
             raise ConfigError(f"{key}: {algorithm} takes no {name!r} (it takes: {options})")
-        if value is not None and not isinstance(value, int | float | bool):
+        if value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r} must be a number")
+        rule = limits.get(name)
+        if not math.isfinite(value) or (rule is not None and not _HOLDS[rule](value)):
+            raise ConfigError(
+                f"{key}={value} must be {rule or 'finite'} for {algorithm} "
+                "(otherwise it segments no image)"
+            )
 
 
 def segment(image: np.ndarray, algorithm: str, params: dict[str, Any]) -> np.ndarray:
