@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xai_exp.data import SUPPORTED_EXTENSIONS, DataError, ImageLoadError, load_image, name_keys
+from xai_exp.data import (
+    EXIF_TRANSPOSES,
+    SUPPORTED_EXTENSIONS,
+    DataError,
+    ImageLoadError,
+    load_image,
+    name_keys,
+)
 
 Box = tuple[float, float, float, float]
 _MAX_XML_BYTES = 1 << 20
@@ -104,17 +111,7 @@ class Annotations:
         return _fit(mask, shape)
 
 
-# EXIF orientation -> the transpose that shows the stored pixels upright (PIL's exif_transpose)
-_ORIENTATIONS = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_SWAPS_AXES = (5, 6, 7, 8)
+_SWAPS_AXES = (5, 6, 7, 8)  # orientations whose upright image swaps width and height
 
 
 def stored_frame(path: Path) -> tuple[tuple[int, int], int]:
@@ -129,12 +126,12 @@ def stored_frame(path: Path) -> tuple[tuple[int, int], int]:
                 orientation = 1
     except OSError as error:
         raise AnnotationError(f"cannot read {path} ({error})") from None
-    return size, orientation if orientation in _ORIENTATIONS else 1
+    return size, orientation if orientation in EXIF_TRANSPOSES else 1
 
 
 def orient(mask: np.ndarray, orientation: int) -> np.ndarray:
     """A mask of the stored pixels, turned as the loader turns the image (EXIF orientation)."""
-    method = _ORIENTATIONS.get(orientation)
+    method = EXIF_TRANSPOSES.get(orientation)
     if method is None:
         return mask
     turned = Image.fromarray(mask.astype(np.uint8) * 255).transpose(method)

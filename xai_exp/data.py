@@ -279,7 +279,8 @@ def _decode(
     return array
 
 
-_TRANSPOSES = {
+# EXIF orientation -> the transpose that shows the stored pixels upright (PIL's exif_transpose)
+EXIF_TRANSPOSES = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -305,7 +306,7 @@ def _shrink_deep(img: Image.Image, max_side: int) -> Image.Image | None:
         orientation = None
     work = img.convert("I") if img.mode.startswith("I;16") else img  # reduce needs I or F
     reduced = work.reduce(-(-max(img.size) // max_side))
-    turn = _TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
+    turn = EXIF_TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
     return reduced.transpose(turn) if turn is not None else reduced
 
 
