@@ -167,3 +167,22 @@ def test_compare_refuses_a_p_value_at_three_images(tracking_store, make_study_ru
     findings = comparison.findings()
     assert any("too few images to test (n = 3)" in line for line in findings)
     assert findings[-1] == "every interval from 3 < 10 images: covers less than 95%"
+
+
+def test_the_bar_chart_and_the_overlay_show_the_chance_level():
+    from conftest import drawn_result
+
+    from xai_exp import plots
+
+    result = drawn_result(iou=0.4)
+    result.values["iou_chance"] = 0.123
+    axis = plots.iou_bar_chart([result], "setting").axes[0]
+    [ticks] = [c for c in axis.collections if c.get_label().startswith("chance")]
+    assert ticks.get_offsets()[0][1] == pytest.approx(0.123)
+    figure = plots.overlay_figure(result, "gradcam")
+    [panel] = [a for a in figure.axes if a.get_title().startswith("CAM mask vs LIME mask")]
+    legend = panel.get_legend()
+    drawn = chance_corrected(result.arrays["cam_mask"], result.arrays["lime_mask"])
+    title = legend.get_title().get_text()
+    assert f"random masks of these sizes: IoU {drawn['iou_chance']:.3f}" in title
+    assert f"above chance {drawn['iou_corrected']:+.2f}" in title

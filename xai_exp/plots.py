@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from xai_exp.files import atomic_path
+from xai_exp.metrics import chance_corrected, iou
 from xai_exp.results import ImageResult
 
 if TYPE_CHECKING:
@@ -85,8 +86,6 @@ def agreement_image(image: np.ndarray, cam_mask: np.ndarray, lime_mask: np.ndarr
 def agreement_title(result: ImageResult) -> str:
     """The agreement panel's title: the IoU of the masks it draws (one LIME seed's, named when
     there are several), then the mean over seeds, labelled as such, and each seed's IoU."""
-    from xai_exp.metrics import iou
-
     cam_mask, lime_mask = result.arrays.get("cam_mask"), result.arrays.get("lime_mask")
     seeds = result.lime_seeds
     if cam_mask is None or lime_mask is None:
@@ -202,8 +201,14 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
             ),
             Patch(color=BOTH, label=f"both ({(cam_mask & lime_mask).sum() / pixels:.0%})"),
         ]
+        drawn = chance_corrected(cam_mask, lime_mask)
+        above = drawn["iou_corrected"]
+        chance = f"random masks of these sizes: IoU {drawn['iou_chance']:.3f}; above chance " + (
+            "n/a" if above is None else f"{above:+.2f}"
+        )
         axes[3].legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
-                       fontsize="small", frameon=False, handlelength=1)  # fmt: skip
+                       fontsize="small", frameon=False, handlelength=1, title=chance,
+                       title_fontsize="small")  # fmt: skip
         axes[3].set_title(agreement_title(result))
     for axis in axes:
         axis.axis("off")
@@ -214,10 +219,17 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
 BAR_CHART_MAX = 40  # more images than this: a sorted IoU profile without per-image labels
 
 
+def _value(result: ImageResult, name: str) -> float:
+    """A registered metric's value for the image, NaN when it has none."""
+    value = result.values.get(name)
+    return math.nan if value is None else float(value)
+
+
 def iou_bar_chart(
     results: Sequence[ImageResult], setting: str, random_weights: bool = False
 ) -> Figure:
-    """IoU per image, highest first, with the mean as a line; flagged or failed images last.
+    """IoU per image, highest first, with the mean as a line and each image's chance level (the
+    IoU of random masks of its two sizes) as a tick; flagged or failed images last.
 
     Past `BAR_CHART_MAX` images the bars become a sorted profile (x: image rank) whose names
     are in results.csv: a figure stays readable, and its size bounded, at any image count.
@@ -247,10 +259,18 @@ def iou_bar_chart(
                 fontsize=8,
             )
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    chances = [_value(r, "iou_chance") for r in ordered]
+    if any(not math.isnan(c) for c in chances):
+        label = "chance (random masks of the same sizes)"
+        if many:
+            axis.plot(range(len(chances)), chances, color="0.2", linewidth=1, label=label)
+        else:
+            axis.scatter(range(len(chances)), chances, marker="_", s=400, color="0.2", label=label)
     finite = [v for v in values if not math.isnan(v)]
     if finite:
         mean = float(np.mean(finite))
         axis.axhline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
+    if finite or any(not math.isnan(c) for c in chances):
         axis.legend(loc="upper right")
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("IoU (CAM mask vs LIME mask)")
