@@ -257,7 +257,7 @@ def _item(name: str, seed: int) -> ImageItem:
 
 
 def _config() -> StudyConfig:
-    lime = LimeConfig(num_samples=40, batch_size=16)
+    lime = LimeConfig(num_samples=40, batch_size=16, hide_color=0)  # LIME weights that rank
     lime.segmentation.algorithm = "slic"
     lime.segmentation.params = {"n_segments": 16, "compactness": 10, "start_label": 0}
     return StudyConfig(lime=lime, progress=False)
@@ -269,9 +269,9 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path, cap
     cache = ExplanationCache(not_a_folder)
     with caplog.at_level(logging.WARNING):
         study = Study(_config(), tiny_classifier(), cache)
-        results = run_study(study, [_item("a", 1), _item("b", 3)], progress=False)
+        results = run_study(study, [_item("a", 2), _item("b", 6)], progress=False)
     healthy = Study(_config(), tiny_classifier(), ExplanationCache(tmp_path / "healthy"))
-    expected = run_study(healthy, [_item("a", 1), _item("b", 3)], progress=False)
+    expected = run_study(healthy, [_item("a", 2), _item("b", 6)], progress=False)
     assert [r.status for r in results] == ["ok", "ok"]
     assert [r.iou for r in results] == [r.iou for r in expected]  # every result still used
     assert cache.failed_writes == 8  # per image: prediction, CAM, superpixels, LIME
@@ -288,7 +288,7 @@ def test_a_full_disk_while_caching_keeps_the_result(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", full_disk)
     cache = ExplanationCache(tmp_path / "cache")
     [result] = run_study(
-        Study(_config(), tiny_classifier(), cache), [_item("a", 1)], progress=False
+        Study(_config(), tiny_classifier(), cache), [_item("a", 2)], progress=False
     )
     assert result.status == "ok"
     assert result.iou is not None
@@ -299,17 +299,17 @@ def test_a_full_disk_while_caching_keeps_the_result(tmp_path, monkeypatch):
 def test_an_entry_of_the_wrong_shape_is_discarded_and_recomputed(tmp_path):
     cache = ExplanationCache(tmp_path)
     classifier = tiny_classifier()
-    [first] = run_study(Study(_config(), classifier, cache), [_item("a", 1)], progress=False)
+    [first] = run_study(Study(_config(), classifier, cache), [_item("a", 2)], progress=False)
     [entry] = (tmp_path / "cam").rglob("*.npz")
     key = entry.stem
     cache.store("cam", key, {"cam": np.zeros((3, 3), np.float32)}, {"seconds": 1.0})  # valid sum
     again = Study(_config(), classifier, cache)
-    [second] = run_study(again, [_item("a", 1)], progress=False)
+    [second] = run_study(again, [_item("a", 2)], progress=False)
     assert not second.cam_reused  # recomputed, not an error
     assert second.iou == first.iou
     assert cache.discarded == 1
     third = Study(_config(), classifier, cache)
-    [reused] = run_study(third, [_item("a", 1)], progress=False)
+    [reused] = run_study(third, [_item("a", 2)], progress=False)
     assert reused.cam_reused  # the recomputed entry replaced the bad one
 
 
