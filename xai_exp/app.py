@@ -26,7 +26,7 @@ from xai_exp.data import DataError
 from xai_exp.errors import ModelLoadError
 from xai_exp.job import JobContext, NothingComparedError, execute
 from xai_exp.sweep import close_open_sweeps, record_failed_job
-from xai_exp.tracking import TrackingError
+from xai_exp.tracking import TrackingError, bound_http_retries
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackingError, NothingComparedError)
 # Hydra's flags that only print (help, the composed config): no torch check before them
@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xai-exp: {problem}", file=sys.stderr)
         return 2
     register_configs()
+    bound_http_retries()  # a lost server: bounded time, not MLflow's minutes per call
     signals.install()
     try:
         hydra_main()

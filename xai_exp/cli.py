@@ -105,8 +105,9 @@ def _compare(args: argparse.Namespace) -> int:
     from xai_exp.errors import describe
     from xai_exp.method_agreement import as_matrix
     from xai_exp.results import load_plugins
-    from xai_exp.tracking import TrackingError, redact_uri, scrub
+    from xai_exp.tracking import TrackingError, bound_http_retries, redact_uri, scrub
 
+    bound_http_retries()  # a lost server: bounded time, not MLflow's minutes per call
     try:
         load_plugins(args.plugin)
         comparison = compare(args.tracking_uri, args.experiment, args.parent, args.out)

@@ -69,7 +69,9 @@ from xai_exp.statistics import MIN_INTERVAL_IMAGES, interval_warning
 from xai_exp.sweep import read_parent_marker
 from xai_exp.threads import configure_threads, inference_threads
 from xai_exp.tracking import (
+    OUTPUT_DIR_TAG,
     RunLogger,
+    TrackingError,
     connect,
     flatten,
     is_server,
@@ -77,8 +79,11 @@ from xai_exp.tracking import (
     redact_uri,
     run_url,
     runs_table_url,
+    server_lost,
     share_table_view,
     terminal_status,
+    unreachable,
+    write_lost_marker,
 )
 
 if TYPE_CHECKING:
@@ -292,15 +297,20 @@ def start_run(
 ) -> RunLogger:
     """Create the MLflow run (a child when in a sweep) and log the resolved config."""
     client, experiment_id = store
-    mark_lost_runs(client, [experiment_id])
     marker = read_parent_marker(context.sweep_dir) if context.multirun else None
-    run = RunLogger.start(
-        client,
-        experiment_id,
-        run_name(cfg, context),
-        run_tags(cfg, context),
-        parent_run_id=marker["run_id"] if marker else None,
-    )
+    try:
+        mark_lost_runs(client, [experiment_id])
+        run = RunLogger.start(
+            client,
+            experiment_id,
+            run_name(cfg, context),
+            {**run_tags(cfg, context), OUTPUT_DIR_TAG: str(out_dir)},
+            parent_run_id=marker["run_id"] if marker else None,
+        )
+    except Exception as error:
+        if server_lost(error):  # gone since `connect`: no run to close
+            raise unreachable(cfg.tracking.uri, error, "start the server and run again") from error
+        raise
     log.info(
         "MLflow run %s in experiment %r at %s",
         run.run_id,
@@ -456,6 +466,24 @@ def where_to_look(
 
 class NothingComparedError(RuntimeError):
     """No image of the run could be compared: its mean IoU would be meaningless."""
+
+
+class ServerLostError(TrackingError):
+    """The tracking server stopped answering mid-run: the local results are complete, the
+    run is closed by the next command that reaches the server (`tracking.mark_lost_runs`)."""
+
+
+def server_lost_error(uri: str, out_dir: Path, run: RunLogger) -> ServerLostError:
+    """The one line for a run whose server was lost: where the results are, what happens."""
+    files = [name for name in ("results.csv", "summary.json") if (out_dir / name).is_file()]
+    if (out_dir / OVERLAYS).is_dir():
+        files.append(f"{OVERLAYS}/")
+    listed = f" ({', '.join(files)})" if files else ""
+    return ServerLostError(
+        f"the tracking server at {redact_uri(uri)} stopped answering; the results are in "
+        f"{out_dir}{listed}; the run {run.run_id} will be closed as FAILED the next time "
+        "xai-exp reaches the server"
+    )
 
 
 def check_config(
@@ -617,6 +645,8 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
             summary.get("mean_iou_chance", math.nan),
             summary.get("mean_iou_ceiling", math.nan),
         )
+        if run is not None and run.lost is not None:
+            raise server_lost_error(tracking.uri, out_dir, run)
         view = share_table_view(run.client, run.experiment_id) if run is not None else None
         print(where_to_look(cfg, out_dir, run, summary, view), flush=True)
         return summary["mean_iou"]
@@ -636,5 +666,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
                             hook.flush()  # the images finished before the failure
                 status = terminal_status(error)
                 run.finish(status)
-                if error is not None:
+                if run.lost is not None:  # the next command that reaches the server closes it
+                    write_lost_marker(out_dir, run, tracking.uri)
+                    if error is None:  # lost while closing the run
+                        raise server_lost_error(tracking.uri, out_dir, run)
+                elif error is not None:
                     log.warning("MLflow run %s marked %s (%s)", run.run_id, status, describe(error))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from xai_exp.files import atomic_write_text
 from xai_exp.masking import mask
 from xai_exp.signals import deferred, shielded
 from xai_exp.tracking import (
+    OUTPUT_DIR_TAG,
     ROLE_TAG,
     RunLogger,
     TrackingError,
@@ -23,6 +25,8 @@ from xai_exp.tracking import (
     connect,
     redact_uri,
     run_url,
+    server_lost,
+    write_lost_marker,
 )
 
 log = logging.getLogger("xai_exp")
@@ -120,6 +124,7 @@ class MlflowSweepCallback(Callback):
                 run_name=f"sweep {self.sweep_dir.name}",
                 tags={
                     "sweep_dir": str(self.sweep_dir),
+                    OUTPUT_DIR_TAG: str(self.sweep_dir),
                     "sweep_overrides": overrides,
                     ROLE_TAG: "sweep",
                 },
@@ -160,7 +165,14 @@ class MlflowSweepCallback(Callback):
             self._finish(parent, interrupted)
 
     def _finish(self, parent: RunLogger, interrupted: bool) -> None:
-        children = child_runs(parent.client, parent.experiment_id, parent.run_id)
+        try:
+            children = child_runs(parent.client, parent.experiment_id, parent.run_id)
+        except Exception as error:
+            if not server_lost(error):
+                raise
+            parent.lost = error
+            self._lost(parent)
+            return
         winner = ""
         failed = [c for c in children if c.info.status == "FAILED"]
         try:
@@ -206,7 +218,24 @@ class MlflowSweepCallback(Callback):
         parent.set_tags(tags)
         status = "FAILED" if failed or refused else "KILLED" if interrupted else "FINISHED"
         parent.finish(status)
+        if parent.lost is not None:
+            self._lost(parent)
+            return
         print(self.end_block(parent, status, len(children), winner), flush=True)
+
+    def _lost(self, parent: RunLogger) -> None:
+        """The tracking server stopped answering: record the parent for the next command that
+        reaches it (`tracking.mark_lost_runs`) and say where the sweep's results are."""
+        uri = str(self.cfg.tracking.uri) if self.cfg is not None else ""
+        if self.sweep_dir is not None:
+            write_lost_marker(self.sweep_dir, parent, uri)
+        print(
+            f"xai-exp: the tracking server at {redact_uri(uri)} stopped answering; the sweep's "
+            f"results are in {self.sweep_dir}; its parent run {parent.run_id} will be closed as "
+            "FAILED the next time xai-exp reaches the server",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def end_block(self, parent: RunLogger, status: str, n_children: int, winner: str = "") -> str:
         """The lines printed when the sweep ends: its runs, report, parent's URL and folder."""

@@ -14,7 +14,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,25 @@ def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) spend ~4 minutes on each
+# call to a server that is gone, ~16 minutes over the calls at the end of a run. xai-exp's
+# processes use these unless the environment sets them: a refused connection fails after
+# ~15 s (retries after 0, 4 and 8 s), a server that hangs after ~75 s (4 x 15 s + the waits).
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def bound_http_retries() -> None:
+    """Give MLflow's HTTP client `HTTP_LIMITS`, each unless the environment sets it already
+    (set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=7`` etc. to wait longer for a flaky server)."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
 
 
 def fail_fast_http() -> contextlib.AbstractContextManager[None]:
@@ -330,17 +349,109 @@ def _pid_gone(pid: int, started: str | None) -> bool:
     return False
 
 
+OUTPUT_DIR_TAG = "output_dir"  # the run's local output folder
+SERVER_LOST_FILE = "tracking_lost.json"  # in the output folder: its run could not be closed
+
+
+def server_lost(error: BaseException) -> bool:
+    """True when `error` says the tracking server stopped answering (after MLflow's retries):
+    a refused or dropped connection, a timeout, or a gateway's 502/503/504 (the server behind
+    a proxy is gone). MLflow wraps the `requests` error without ``from``: the chain says it."""
+    import requests
+    import urllib3.exceptions
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current,
+            (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+                urllib3.exceptions.ProtocolError,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
+            return True
+        text = str(current)
+        if any(
+            f"error code {code}" in text or f"too many {code} error responses" in text
+            for code in (502, 503, 504)
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def write_lost_marker(out_dir: Path, run: RunLogger, uri: str) -> Path | None:
+    """Record in `out_dir` that `run` could not be closed because its server was lost; the
+    next `mark_lost_runs` on that store closes it, naming the folder (None: not writable)."""
+    import json
+
+    from xai_exp.files import atomic_write_text
+
+    marker = {
+        "run_id": run.run_id,
+        "experiment_id": run.experiment_id,
+        "tracking_uri": redact_uri(uri),
+        "output_dir": str(out_dir),
+        "lost_at": int(time.time()),
+        "error": scrub(describe(run.lost, 300), uri) if run.lost is not None else "",
+    }
+    try:
+        return atomic_write_text(out_dir / SERVER_LOST_FILE, json.dumps(marker, indent=2) + "\n")
+    except OSError as error:
+        log.warning("could not record the lost run in %s: %s", out_dir, describe(error))
+        return None
+
+
+def read_lost_marker(tags: Mapping[str, str], run_id: str) -> dict[str, Any] | None:
+    """The `write_lost_marker` record of this run, when its output folder (tag `output_dir`)
+    is on this machine and holds one for this run id."""
+    import json
+
+    folder = tags.get(OUTPUT_DIR_TAG)
+    if not folder:
+        return None
+    try:
+        marker = json.loads((Path(folder) / SERVER_LOST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("run_id") == run_id else None
+
+
+def _upload_local_results(client: MlflowClient, run_id: str, folder: Path) -> None:
+    """Log the small result files of a lost run's folder (results.csv, summary.json)."""
+    for name in ("results.csv", "summary.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                client.log_artifact(run_id, str(path))
+            except Exception as error:  # noqa: BLE001 - closing the run matters more
+                log.info("could not upload %s of run %s: %s", path, run_id, describe(error))
+
+
 def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[str]:
-    """Mark RUNNING runs whose process is gone (kill -9, the OOM killer) as FAILED."""
+    """Mark RUNNING runs whose process is gone (kill -9, the OOM killer) as FAILED, and those
+    whose process lost the tracking server (`write_lost_marker`): their tag `error` names the
+    local results, results.csv and summary.json are uploaded."""
     lost = []
     for run in search_all_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if not process_gone(tags):
+        marker = read_lost_marker(tags, run.info.run_id)
+        if marker is None and not process_gone(tags):
             continue
-        reason = (
-            f"process lost: pid {tags.get('process.pid')} on {tags.get('process.host')} ended "
-            "without closing the run (killed, or out of memory, or its node lost)"
-        )
+        if marker is not None:
+            folder = Path(str(marker.get("output_dir") or tags[OUTPUT_DIR_TAG]))
+            reason = f"tracking server lost mid-run; local results in {folder}"
+            _upload_local_results(client, run.info.run_id, folder)
+        else:
+            reason = (
+                f"process lost: pid {tags.get('process.pid')} on {tags.get('process.host')} "
+                "ended without closing the run (killed, or out of memory, or its node lost)"
+            )
         client.set_tag(run.info.run_id, "error", reason)
         client.set_terminated(run.info.run_id, "FAILED")
         log.warning("run %s (%s) marked FAILED: %s", run.info.run_id, run.info.run_name, reason)
@@ -436,15 +547,34 @@ class RunLogger:
         self.experiment_id = experiment_id
         self.name = name
         self._closed = threading.Event()
+        self.lost: BaseException | None = None  # the error that said the server is gone
+
+    def _send(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Make one client call, unless the server is lost. The first call that fails with
+        `server_lost` (after MLflow's bounded retries, `bound_http_retries`) marks it lost:
+        every later call is skipped, so the run's local work goes on and ends without paying
+        the retry budget again; the job then says so (`job.execute`)."""
+        if self.lost is not None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:
+            if not server_lost(error):
+                raise
+            if self.lost is None:
+                self.lost = error
+                log.debug("tracking server lost for run %s: %s", self.run_id, error)
 
     def beat(self, every: float = HEARTBEAT_S) -> None:
         """Renew the run's heartbeat tag every `every` seconds until `finish`, in a daemon
         thread (a failed write is retried at the next beat: the run is still alive)."""
 
         def renew() -> None:
-            while not self._closed.wait(every):
+            while not self._closed.wait(every) and self.lost is None:
                 try:
-                    self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+                    self._send(
+                        self.client.set_tag, self.run_id, HEARTBEAT_TAG, str(int(time.time()))
+                    )
                 except Exception as error:  # noqa: BLE001 - a lost server must not stop the run
                     log.debug("heartbeat of run %s not written: %s", self.run_id, error)
 
@@ -478,13 +608,13 @@ class RunLogger:
             for key, value in params.items()
         ]
         for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + BATCH])
+            self._send(self.client.log_batch, self.run_id, params=items[start : start + BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Tags in one batch (secrets masked)."""
         items = [RunTag(key, mask(str(value))[:5000]) for key, value in tags.items()]
         for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, tags=items[start : start + BATCH])
+            self._send(self.client.log_batch, self.run_id, tags=items[start : start + BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float | bool | None], step: int = 0) -> None:
         """Finite metrics in batches (NaN and None are skipped: MLflow charts cannot show them)."""
@@ -495,7 +625,7 @@ class RunLogger:
             if value is not None and math.isfinite(float(value))
         ]
         for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start : start + BATCH])
+            self._send(self.client.log_batch, self.run_id, metrics=items[start : start + BATCH])
 
     def log_series(self, rows: Sequence[tuple[int, Mapping[str, float | bool | None]]]) -> None:
         """Per-step metrics of many steps, batched across steps (NaN and None skipped)."""
@@ -507,25 +637,27 @@ class RunLogger:
             if value is not None and math.isfinite(float(value))
         ]
         for start in range(0, len(items), METRIC_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start : start + METRIC_BATCH])
+            self._send(
+                self.client.log_batch, self.run_id, metrics=items[start : start + METRIC_BATCH]
+            )
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         """Upload a local folder's files (nothing when it is missing or empty)."""
         if folder.is_dir() and any(folder.iterdir()):
-            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+            self._send(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload one local file."""
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_table(self, data: Any, artifact_file: str) -> None:
         """A table MLflow shows in its artifact viewer."""
-        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+        self._send(self.client.log_table, self.run_id, data=data, artifact_file=artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Terminate the run with FINISHED, FAILED or KILLED (its heartbeat stops)."""
         self._closed.set()
-        self.client.set_terminated(self.run_id, status=status)
+        self._send(self.client.set_terminated, self.run_id, status=status)
 
 
 def terminal_status(error: BaseException | None) -> str:
