@@ -12,6 +12,7 @@ import errno
 import io
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -209,6 +210,8 @@ def test_an_open_run_renews_its_heartbeat_until_it_finishes(tracking_store):
     while client.get_run(run.run_id).data.tags[HEARTBEAT_TAG] == "0" and time.time() < deadline:
         time.sleep(0.1)
     assert int(client.get_run(run.run_id).data.tags[HEARTBEAT_TAG]) >= time.time() - 10
+    shipped = pickle.loads(pickle.dumps(run))  # as a joblib sweep ships its callback
+    assert (shipped.run_id, shipped.experiment_id) == (run.run_id, run.experiment_id)
     run.finish()
     time.sleep(0.5)  # any beat in flight lands
     client.set_tag(run.run_id, HEARTBEAT_TAG, "0")

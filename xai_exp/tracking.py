@@ -549,6 +549,17 @@ class RunLogger:
         self._closed = threading.Event()
         self.lost: BaseException | None = None  # the error that said the server is gone
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickles (a joblib sweep ships the sweep callback that holds its parent run):
+        all but the heartbeat's event, which belongs to the process that beats."""
+        state = self.__dict__.copy()
+        del state["_closed"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._closed = threading.Event()
+
     def _send(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Make one client call, unless the server is lost. The first call that fails with
         `server_lost` (after MLflow's bounded retries, `bound_http_retries`) marks it lost:
