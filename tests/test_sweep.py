@@ -165,7 +165,7 @@ def test_a_random_cam_gains_raw_iou_with_the_threshold_but_no_agreement_above_ch
     assert chance[0] < chance[1] < chance[2]
     assert above[2] <= above[0] + 0.01  # no gain above chance from a larger mask
     assert all(abs(value) < 0.1 for value in above)
-    assert raw[2] - raw[0] > 0.03  # while raw IoU gains several times that
+    assert raw[2] - raw[0] > 0.5 * (chance[2] - chance[0])  # while raw IoU follows chance up
     assert "the raw ranking is mostly mask area" in parent.data.tags["mlflow.note.content"]
     assert parent.data.tags["best_setting"] != "cam_top_fraction=0.2"
     assert "best setting" in done.stdout

@@ -28,7 +28,7 @@ def _items() -> list[ImageItem]:
 
 
 def _config(workers: int) -> StudyConfig:
-    lime = LimeConfig(num_samples=40, batch_size=16)
+    lime = LimeConfig(num_samples=40, batch_size=16, hide_color=0)  # LIME weights that rank
     lime.segmentation.params = {"kernel_size": 2, "max_dist": 20, "ratio": 0.5}
     cfg = StudyConfig(lime=lime, progress=False)
     cfg.inference.workers = workers
