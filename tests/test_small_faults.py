@@ -18,6 +18,7 @@ from conftest import RUN_PY, TINY_STUDY, FakeImage
 from tiny_models import tiny_classifier
 
 from xai_exp import compare as cmp
+from xai_exp.annotations import _is_number  # the one "is this text a number" test
 from xai_exp.app import config_dir
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, LimeConfig, StudyConfig
@@ -131,14 +132,6 @@ def test_artifact_stems_and_compare_csvs_never_start_like_a_formula(tracking_sto
         starts = [cell for cell in cells if cell.startswith(FORMULA_START)]
         assert [c for c in starts if not _is_number(c)] == [], path.name
     assert "'=HYPERLINK(1)" in texts
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- superpixels
