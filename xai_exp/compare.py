@@ -901,11 +901,11 @@ def build_comparison(
     client: MlflowClient,
     runs: Sequence[Run],
     out_dir: Path,
-    title: str,
     meta: Sequence[str] = (),
     tracking_uri: str = "",
 ) -> Comparison:
-    """Read the runs' per-image results, group them and write the three files."""
+    """Read the runs' per-image results, group them and write the files, under a title that
+    says what was compared (`comparison_title`)."""
     runs = [r for r in runs if not is_sweep_parent(r)]
     if not runs:
         raise CompareError("no study runs to compare")
@@ -913,6 +913,7 @@ def build_comparison(
         workdir = Path(tmp)
         images = collect_images(client, runs, workdir)
         frame = settings_frame(runs)
+        title = comparison_title(frame)
         comparison = Comparison(summarize_groups(runs, images, frame), images, list(runs), frame)
         comparison.paired = paired_comparisons(comparison)
         comparison.verdict = verdict(comparison)
@@ -958,9 +959,8 @@ def compare(
     runs = study_runs(client, experiment_ids, parent.info.run_id if parent else None)
     if not runs:
         raise CompareError(f"no study runs to compare in {scope} at {redact_uri(tracking_uri)}")
-    title = comparison_title(settings_frame(runs))
     meta = [scope, f"tracking URI: {redact_uri(tracking_uri)}"]
-    comparison = build_comparison(client, runs, Path(out_dir), title, meta, tracking_uri)
+    comparison = build_comparison(client, runs, Path(out_dir), meta, tracking_uri)
     if parent is not None:
         log_files(client, parent.info.run_id, comparison.files)
     return comparison
@@ -975,14 +975,13 @@ def log_comparison_to_parent(
     a temporary folder when there is no sweep dir.
     """
     client = parent.client
-    title = comparison_title(settings_frame(children))
     meta = [f"sweep run {parent.run_id}", *([f"sweep dir: {sweep_dir}"] if sweep_dir else [])]
     if sweep_dir is not None:
         out_dir = Path(sweep_dir) / ARTIFACT_DIR
-        comparison = build_comparison(client, children, out_dir, title, meta, tracking_uri)
+        comparison = build_comparison(client, children, out_dir, meta, tracking_uri)
         log_files(client, parent.run_id, comparison.files)
         return comparison
     with tempfile.TemporaryDirectory(prefix="xai-exp-comparison-") as tmp:
-        comparison = build_comparison(client, children, Path(tmp), title, meta, tracking_uri)
+        comparison = build_comparison(client, children, Path(tmp), meta, tracking_uri)
         log_files(client, parent.run_id, comparison.files)
     return comparison

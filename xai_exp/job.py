@@ -46,7 +46,6 @@ from xai_exp.explainers.cam import check_method
 from xai_exp.explainers.superpixels import check_segmentation
 from xai_exp.files import atomic_write_text
 from xai_exp.labels import ClassIndex
-from xai_exp.masking import mask
 from xai_exp.model_facts import (
     FACTS_KIND,
     DeferredClassifier,
@@ -262,7 +261,7 @@ def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:
     if context.multirun:
         tags["sweep_dir"] = str(context.sweep_dir)
         tags["job_num"] = str(context.job_num)
-        tags["overrides"] = mask(context.override_dirname) or "(none)"
+        tags["overrides"] = context.override_dirname or "(none)"  # RunLogger masks secrets
     for group, choice in context.choices.items():
         tags[f"choice.{group}"] = str(choice)
     return tags

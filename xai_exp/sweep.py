@@ -116,7 +116,7 @@ class MlflowSweepCallback(Callback):
             raise SystemExit(2) from None
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        overrides = mask(" ".join(config.hydra.overrides.task)) or "(none)"
+        overrides = " ".join(config.hydra.overrides.task) or "(none)"  # masked by RunLogger
         with deferred():  # an interrupt here arrives once the parent is known, so it is closed
             self.parent = RunLogger.start(
                 client,
@@ -212,9 +212,7 @@ class MlflowSweepCallback(Callback):
         parent.log_metrics(counts)
         tags: dict[str, Any] = dict(counts)
         if refused:
-            tags["failed_jobs"] = mask(
-                "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
-            )
+            tags["failed_jobs"] = "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
         parent.set_tags(tags)
         status = "FAILED" if failed or refused else "KILLED" if interrupted else "FINISHED"
         parent.finish(status)
