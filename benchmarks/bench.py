@@ -35,11 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xai_exp import inference, onnx_engine
 from xai_exp.config import LimeConfig, MethodConfig, ModelConfig
-from xai_exp.data import bundled_images
-from xai_exp.explainers import cam, fast_cam, lime, superpixels
-from xai_exp.models import fit_to_input, load_classifier
+from xai_exp.data.images import bundled_images
+from xai_exp.explain import cam, fast_cam, lime, superpixels
+from xai_exp.models import inference, onnx_engine
+from xai_exp.models.classifier import fit_to_input, load_classifier
 
 CAMS = ("gradcam", "scorecam", "ablationcam")
 BASELINE_BATCH = {"gradcam": 1, "scorecam": 16, "ablationcam": 32}  # grad-cam's defaults

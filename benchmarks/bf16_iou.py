@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xai_exp.app import compose_config
+from xai_exp.app.hydra_app import compose_config
 from xai_exp.config import ModelConfig
-from xai_exp.data import bundled_images
-from xai_exp.explainers import fast_cam
-from xai_exp.explainers.lime import fast_lime, segment
-from xai_exp.masks import cam_top_fraction_mask, lime_top_k_mask
-from xai_exp.metrics import iou
-from xai_exp.models import fit_to_input, load_classifier
+from xai_exp.data.images import bundled_images
+from xai_exp.evaluate.masks import cam_top_fraction_mask, lime_top_k_mask
+from xai_exp.evaluate.overlap import iou
+from xai_exp.explain import fast_cam
+from xai_exp.explain.lime import fast_lime, segment
+from xai_exp.models.classifier import fit_to_input, load_classifier
 
 
 def main() -> int:

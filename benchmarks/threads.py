@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xai_exp import inference, onnx_engine, threads
 from xai_exp.config import ModelConfig
-from xai_exp.data import bundled_images
-from xai_exp.explainers import cam
-from xai_exp.models import fit_to_input, load_classifier
+from xai_exp.data.images import bundled_images
+from xai_exp.explain import cam
+from xai_exp.models import inference, onnx_engine, threads
+from xai_exp.models.classifier import fit_to_input, load_classifier
 
 BUSY_LOOP = "while True: pass"
 SETTINGS: tuple[int | None, ...] = (2, 1, None)  # None: auto (the CPU share)

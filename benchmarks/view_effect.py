@@ -24,12 +24,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xai_exp.config import ModelConfig
-from xai_exp.data import bundled_images, folder_images
-from xai_exp.explainers.cam import compute_cam
-from xai_exp.masks import cam_top_fraction_mask
-from xai_exp.metrics import iou
-from xai_exp.models import load_classifier
-from xai_exp.views import RESAMPLING
+from xai_exp.data.images import bundled_images, folder_images
+from xai_exp.evaluate.masks import cam_top_fraction_mask
+from xai_exp.evaluate.overlap import iou
+from xai_exp.explain.cam import compute_cam
+from xai_exp.models.classifier import load_classifier
+from xai_exp.models.views import RESAMPLING
 
 
 def old_view(image: np.ndarray, size: int, crop_fraction: float, interpolation: str) -> np.ndarray:

@@ -37,7 +37,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from xai_exp.results import ImageResult, csv_columns
+from xai_exp.evaluate.results import ImageResult, csv_columns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = REPO_ROOT / "run.py"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import spearmanr
 
-from xai_exp.agreement import (
+from xai_exp.evaluate.agreement import (
     DEFAULT_FRACTIONS,
     agreement,
     curve_area,
@@ -17,8 +17,8 @@ from xai_exp.agreement import (
     pointing_game,
     rank_correlation,
 )
-from xai_exp.masks import DegenerateMapError, cam_top_fraction_mask, lime_weight_map
-from xai_exp.metrics import iou
+from xai_exp.evaluate.masks import DegenerateMapError, cam_top_fraction_mask, lime_weight_map
+from xai_exp.evaluate.overlap import iou
 
 
 def grid_segments(size: int = 16, cell: int = 4) -> np.ndarray:

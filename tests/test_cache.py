@@ -138,7 +138,7 @@ def clean_run(tmp_path_factory):
     from test_pipeline import IMAGES
     from tiny_models import tiny_classifier
 
-    from xai_exp.pipeline import Study, run_study
+    from xai_exp.study.pipeline import Study, run_study
 
     folder = tmp_path_factory.mktemp("clean") / "cache"
     results = run_study(
@@ -158,7 +158,7 @@ def test_a_forged_entry_with_a_valid_checksum_is_discarded_and_recomputed(
     from test_pipeline import IMAGES
     from tiny_models import tiny_classifier
 
-    from xai_exp.pipeline import Study, run_study
+    from xai_exp.study.pipeline import Study, run_study
 
     folder, clean = clean_run
     shutil.copytree(folder, tmp_path / "cache")

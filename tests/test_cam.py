@@ -7,7 +7,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tiny_models import smooth_image, tiny_classifier
 
 from xai_exp.config import ConfigError
-from xai_exp.explainers.cam import CAM_METHODS, check_method, compute_cam, reference_cam
+from xai_exp.explain.cam import CAM_METHODS, check_method, compute_cam, reference_cam
 
 DETERMINISTIC = [name for name in CAM_METHODS if name != "randomcam"]
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import EXPERIMENT, FakeImage
 from scipy import stats
 
-from xai_exp import compare as cmp
-from xai_exp.metrics import chance_corrected, iou, iou_ceiling, iou_chance
-from xai_exp.statistics import (
+from xai_exp.compare import comparison as cmp
+from xai_exp.evaluate.overlap import chance_corrected, iou, iou_ceiling, iou_chance
+from xai_exp.evaluate.statistics import (
     min_test_images,
     paired_difference,
     smallest_wilcoxon_p,
@@ -172,7 +172,7 @@ def test_compare_refuses_a_p_value_at_three_images(tracking_store, make_study_ru
 def test_the_bar_chart_and_the_overlay_show_the_chance_level():
     from conftest import drawn_result
 
-    from xai_exp import plots
+    from xai_exp.outputs import plots
 
     result = drawn_result(iou=0.4)
     result.values["iou_chance"] = 0.123

@@ -1,4 +1,4 @@
-"""Tests for xai_exp.compare and `xai-exp compare`, against real sqlite MLflow stores."""
+"""Tests for xai_exp.compare.comparison and `xai-exp compare`, against real sqlite MLflow stores."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 from conftest import EXPERIMENT, PARENT_TAG, RUN_PY, FakeImage, tiny_png
 from PIL import Image
 
-from xai_exp import compare as cmp
-from xai_exp.cli import main
-from xai_exp.results import METRICS
-from xai_exp.tracking import RunLogger, open_store
+from xai_exp.app.cli import main
+from xai_exp.compare import comparison as cmp
+from xai_exp.evaluate.results import METRICS
+from xai_exp.track.runs import RunLogger, open_store
 
 
 def _b64(data: bytes) -> str:

@@ -7,9 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from xai_exp.app import compose_config, register_configs
+from xai_exp.app.hydra_app import compose_config, register_configs
 from xai_exp.config import ConfigError, StudyConfig, validate
-from xai_exp.explainers.cam import CAM_METHODS
+from xai_exp.explain.cam import CAM_METHODS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [
@@ -134,7 +134,7 @@ def test_slurm_launcher_config_composes():
 
 
 def test_unknown_keys_get_one_line_with_the_closest_valid_key(capsys):
-    from xai_exp.app import main, override_problem
+    from xai_exp.app.hydra_app import main, override_problem
 
     assert "did you mean threshold?" in override_problem(["threshhold=top20"])
     assert "did you mean lime.seed?" in override_problem(["-m", "lime.sed=1,2"])

@@ -1,4 +1,4 @@
-"""Tests for xai_exp.data: bundled images, folder loading, image modes and artifact stems."""
+"""Tests for xai_exp.data.images: bundled images, folder loading, image modes and artifact stems."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import skimage
 from PIL import Image, JpegImagePlugin
 
-from xai_exp import data
-from xai_exp.data import (
+from xai_exp.data import images as data
+from xai_exp.data.images import (
     MAX_SIDE,
     DataError,
     ImageItem,
@@ -501,7 +501,7 @@ def test_paths_typed_with_a_tilde_are_expanded(tmp_path, monkeypatch):
     assert data.check_folder("~/photos") == tmp_path / "photos"
     with pytest.raises(data.DataError, match=str(tmp_path / "missing")):
         data.check_folder("~/missing")  # the message names the expanded path
-    from xai_exp.app import compose_config
+    from xai_exp.app.hydra_app import compose_config
 
     cfg = compose_config(["data=folder", 'data.dir="~/photos"'])
     assert cfg.data.dir == "~/photos"  # quoted for Hydra, expanded where it is used

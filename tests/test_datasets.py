@@ -22,19 +22,19 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp import data as data_module
-from xai_exp import plots
-from xai_exp.app import compose_config
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, execute
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, DataConfig, honour_data_dir, ignored_overrides
-from xai_exp.data import ImageItem, ImageSet, list_folder, open_images, read_manifest, select
-from xai_exp.job import JobContext, execute
-from xai_exp.labels import ClassIndex, imagenet_synsets
-from xai_exp.models import imagenet_labels
-from xai_exp.outputs import OverlayPlan
-from xai_exp.pipeline import Study, run_study
-from xai_exp.results import ImageResult, Status, summary_metrics
-from xai_exp.tracking import RunLogger
+from xai_exp.data import images as data_module
+from xai_exp.data.images import ImageItem, ImageSet, list_folder, open_images, read_manifest, select
+from xai_exp.data.labels import ClassIndex, imagenet_synsets
+from xai_exp.evaluate.results import ImageResult, Status, summary_metrics
+from xai_exp.models.classifier import imagenet_labels
+from xai_exp.outputs import plots
+from xai_exp.outputs.writer import OverlayPlan
+from xai_exp.study.pipeline import Study, run_study
+from xai_exp.track.runs import RunLogger
 
 GOLDFISH = "n01443537"  # class 1 of ImageNet-1k
 TABBY = 281
@@ -280,7 +280,7 @@ def test_a_process_with_a_read_stuck_for_good_still_exits(tmp_path):
     _png(tmp_path / "a.png")
     script = (
         "import sys, threading\n"
-        "from xai_exp import data\n"
+        "from xai_exp.data import images as data\n"
         "data._load_with_hash = lambda *a: threading.Event().wait()\n"
         "images = data.list_folder(sys.argv[1], read_timeout_s=0.5)\n"
         "print(len(list(images)), len(images.skipped))\n"
@@ -373,7 +373,7 @@ def test_an_image_above_the_pixel_budget_is_skipped_from_its_header(tmp_path):
 
 PEAK_RSS = (
     "import sys\n"
-    "from xai_exp import data\n"
+    "from xai_exp.data import images as data\n"
     "budget = int(sys.argv[3]) if len(sys.argv) > 3 else 89_478_485\n"
     "images = data.list_folder(sys.argv[1], max_file_mb=float(sys.argv[2]), max_pixels=budget)\n"
     "names = [item.name for item in images]\n"
@@ -580,7 +580,7 @@ def test_an_override_the_config_would_ignore_is_an_error(tmp_path, overrides, ex
 
 
 def test_ignored_overrides_in_a_sweep_are_warnings(tmp_path, caplog):
-    from xai_exp.job import check_overrides
+    from xai_exp.app.job import check_overrides
 
     overrides = ("metrics.steps=5",)
     cfg = compose_config(overrides)

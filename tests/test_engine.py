@@ -12,15 +12,15 @@ import torchvision
 from tiny_models import TinyCNN, bn_cnn, smooth_image
 from torch import nn
 
-from xai_exp import inference, onnx_engine
 from xai_exp.config import ConfigError, ModelConfig, StudyConfig, validate
-from xai_exp.data import bundled_images
-from xai_exp.explainers import fast_cam, lime, superpixels
-from xai_exp.explainers.cam import compute_cam
-from xai_exp.faithfulness import deletion_insertion
-from xai_exp.masks import cam_top_fraction_mask, lime_top_k_mask
-from xai_exp.metrics import iou
-from xai_exp.models import fit_to_input, load_classifier, prepare_classifier
+from xai_exp.data.images import bundled_images
+from xai_exp.evaluate.faithfulness import deletion_insertion
+from xai_exp.evaluate.masks import cam_top_fraction_mask, lime_top_k_mask
+from xai_exp.evaluate.overlap import iou
+from xai_exp.explain import fast_cam, lime, superpixels
+from xai_exp.explain.cam import compute_cam
+from xai_exp.models import inference, onnx_engine
+from xai_exp.models.classifier import fit_to_input, load_classifier, prepare_classifier
 
 LABELS = [str(i) for i in range(10)]
 
@@ -154,9 +154,9 @@ def test_auto_falls_back_to_torch_with_one_info_line(net, reason, caplog):
     classifier = prepare_classifier(
         net(), arch="odd", target_layer="features.3", input_size=32, labels=LABELS
     )
-    with caplog.at_level(logging.INFO, logger="xai_exp.inference"):
+    with caplog.at_level(logging.INFO, logger="xai_exp.models.inference"):
         assert with_engine(classifier, "auto") == "torch"
-    lines = [r.getMessage() for r in caplog.records if r.name == "xai_exp.inference"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "xai_exp.models.inference"]
     assert len(lines) == 1
     assert "ONNX Runtime is not used" in lines[0]
     assert reason in lines[0]
@@ -309,9 +309,9 @@ def test_an_export_that_runs_only_a_batch_of_two_falls_back_or_is_refused(
     _export(net, tmp_path / "two.onnx", dynamic=True)
     graph = (tmp_path / "two.onnx").read_bytes()
     monkeypatch.setattr(onnx_engine, "export_graph", lambda *_args: graph)
-    with caplog.at_level(logging.INFO, logger="xai_exp.inference"):
+    with caplog.at_level(logging.INFO, logger="xai_exp.models.inference"):
         assert with_engine(classifier, "auto") == "torch"
-    [line] = [r.getMessage() for r in caplog.records if r.name == "xai_exp.inference"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "xai_exp.models.inference"]
     assert "ONNX Runtime is not used" in line
     assert "at batch 1" in line
     assert "\n" not in line

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xai_exp.annotations import Annotations
-from xai_exp.data import load_image
-from xai_exp.metrics import iou
+from xai_exp.data.annotations import Annotations
+from xai_exp.data.images import load_image
+from xai_exp.evaluate.overlap import iou
 
 WIDTH, HEIGHT = 64, 40  # stored pixels: landscape, so a quarter turn changes the shape
 BOX = (8, 16, 24, 32)  # xmin, ymin, xmax, ymax of the red object in the stored pixels

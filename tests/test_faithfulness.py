@@ -8,16 +8,16 @@ import torch
 from tiny_models import smooth_image, tiny_classifier
 from torch import nn
 
-from xai_exp import inference
-from xai_exp.faithfulness import (
+from xai_exp.evaluate.faithfulness import (
     FaithfulnessCurves,
     baseline_image,
     deletion_insertion,
     normalise_float_image,
 )
-from xai_exp.masks import DegenerateMapError, lime_weight_map
-from xai_exp.models import Classifier, prepare_classifier
-from xai_exp.plots import curve_plot
+from xai_exp.evaluate.masks import DegenerateMapError, lime_weight_map
+from xai_exp.models import inference
+from xai_exp.models.classifier import Classifier, prepare_classifier
+from xai_exp.outputs.plots import curve_plot
 
 SIZE = 16
 PATCH = (slice(4, 8), slice(8, 12))  # the only pixels the patch model reads

@@ -9,9 +9,9 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from xai_exp import inference
-from xai_exp.explainers import cam, fast_cam
-from xai_exp.models import prepare_classifier
+from xai_exp.explain import cam, fast_cam
+from xai_exp.models import inference
+from xai_exp.models.classifier import prepare_classifier
 
 SIZE = 64
 TOL = 1e-4

@@ -28,16 +28,17 @@ from conftest import TINY_STUDY, start_interruptible, study_command
 from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp import cli, plots
-from xai_exp.app import compose_config
+from xai_exp.app import cli
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, config_yaml, execute, logged_config
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, LimeConfig, StudyConfig, TrackingConfig
-from xai_exp.data import DataError, ImageItem
-from xai_exp.job import JobContext, config_yaml, execute, logged_config
-from xai_exp.outputs import ResultsWriter
-from xai_exp.pipeline import Study, run_study
-from xai_exp.results import ImageResult
-from xai_exp.tracking import (
+from xai_exp.data.images import DataError, ImageItem
+from xai_exp.evaluate.results import ImageResult
+from xai_exp.outputs import plots
+from xai_exp.outputs.writer import ResultsWriter
+from xai_exp.study.pipeline import Study, run_study
+from xai_exp.track.runs import (
     HEARTBEAT_TAG,
     STALE_AFTER_S,
     RunLogger,
@@ -332,7 +333,7 @@ def test_cache_entries_follow_the_umask(tmp_path):
 
 def test_concurrent_first_starts_in_a_fresh_folder_all_succeed(tmp_path):
     code = (
-        "import sys; from xai_exp.tracking import connect;"
+        "import sys; from xai_exp.track.runs import connect;"
         f"connect('sqlite:///{tmp_path}/mlflow.db', 'xai-exp'); print('ok')"
     )
     processes = [
@@ -499,7 +500,7 @@ def test_ctrl_c_while_a_finished_run_is_closed_closes_it_then_stops(
 
 
 def test_an_interrupt_while_a_run_is_created_arrives_after_it():
-    from xai_exp import signals
+    from xai_exp.app import signals
 
     finished: list[str] = []
 
@@ -536,7 +537,7 @@ def job_free_press(sig: int) -> None:
 
 
 def test_a_signal_between_jobs_waits_for_the_next_job_and_interrupts_inside_one():
-    from xai_exp import signals
+    from xai_exp.app import signals
 
     ran: list[str] = []
 
@@ -576,7 +577,7 @@ def test_a_signal_between_jobs_waits_for_the_next_job_and_interrupts_inside_one(
 def test_a_full_output_folder_costs_the_files_not_the_study(tmp_path, monkeypatch, caplog):
     from conftest import drawn_result
 
-    from xai_exp.outputs import write_run_files
+    from xai_exp.outputs.writer import write_run_files
 
     (tmp_path / "results.csv").symlink_to("/dev/full")  # every write: ENOSPC from the kernel
     real_save = plots.save_figure

@@ -16,14 +16,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tiny_models import smooth_image
 
-from xai_exp import compare as cmp
-from xai_exp import plots
-from xai_exp.app import compose_config
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, execute, run_name, run_note, where_to_look
+from xai_exp.app.sweep import PARENT_FILE, MlflowSweepCallback
+from xai_exp.compare import comparison as cmp
+from xai_exp.compare.report import gallery_rows
 from xai_exp.config import honour_data_dir
-from xai_exp.job import JobContext, execute, run_name, run_note, where_to_look
-from xai_exp.report import gallery_rows
-from xai_exp.sweep import PARENT_FILE, MlflowSweepCallback
-from xai_exp.tracking import (
+from xai_exp.outputs import plots
+from xai_exp.track.runs import (
     SHARED_VIEW_TAG,
     RunLogger,
     run_url,

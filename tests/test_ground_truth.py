@@ -9,12 +9,12 @@ import pytest
 from conftest import TINY_STUDY
 from PIL import Image
 
-from xai_exp.annotations import Annotations, read_xml_boxes
-from xai_exp.app import compose_config
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, execute
 from xai_exp.config import honour_data_dir
-from xai_exp.job import JobContext, execute
-from xai_exp.localisation import energy_pointing_game, pointing_game, relevance_mass
-from xai_exp.models import fit_mask_to_input
+from xai_exp.data.annotations import Annotations, read_xml_boxes
+from xai_exp.evaluate.localisation import energy_pointing_game, pointing_game, relevance_mass
+from xai_exp.models.classifier import fit_mask_to_input
 
 
 def test_localisation_metrics_follow_their_definitions_on_toy_maps():

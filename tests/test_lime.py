@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tiny_models import bn_cnn
 
-from xai_exp.data import bundled_images
-from xai_exp.explainers import lime, superpixels
-from xai_exp.models import fit_to_input, prepare_classifier
+from xai_exp.data.images import bundled_images
+from xai_exp.explain import lime, superpixels
+from xai_exp.models.classifier import fit_to_input, prepare_classifier
 
 SIZE = 48
 SAMPLES = 60

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from xai_exp.metrics import iou
-from xai_exp.results import IOU_OVER_LIME_SELF_IOU, METRICS, ImageResult, summary_metrics
+from xai_exp.evaluate.overlap import iou
+from xai_exp.evaluate.results import IOU_OVER_LIME_SELF_IOU, METRICS, ImageResult, summary_metrics
 
 
 def test_the_issues_example_passes_one_and_is_not_called_a_ceiling():

@@ -19,7 +19,7 @@ from pathlib import Path
 from conftest import RUN_PY
 from mlflow.tracking import MlflowClient
 
-from xai_exp.tracking import HTTP_LIMITS, SERVER_LOST_FILE, server_lost
+from xai_exp.track.runs import HTTP_LIMITS, SERVER_LOST_FILE, server_lost
 
 BOUND_S = 120  # from the server's death to the process's exit (MLflow's defaults: ~16 min)
 

@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from xai_exp.masks import (
+from xai_exp.evaluate.masks import (
     DegenerateMapError,
     cam_top_fraction_mask,
     lime_area_matched_mask,
     lime_top_k_mask,
     signal_fraction,
 )
-from xai_exp.metrics import iou, summarize
+from xai_exp.evaluate.overlap import iou, summarize
 
 maps = arrays(
     np.float32,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from xai_exp import hub, startup, versions
-from xai_exp.app import main, override_problem
-from xai_exp.overrides import expand_home
+from xai_exp.app import startup, versions
+from xai_exp.app.hydra_app import main, override_problem
+from xai_exp.app.overrides import expand_home
+from xai_exp.models import hub
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 
@@ -92,7 +93,7 @@ def test_a_home_path_is_expanded_as_a_shell_would(monkeypatch):
 
 
 def test_version_is_one_line_exit_0(capsys):
-    from xai_exp.cli import main as cli_main
+    from xai_exp.app.cli import main as cli_main
 
     assert main(["--version"]) == 0  # python run.py --version, xai-exp run --version
     out = capsys.readouterr().out.strip().splitlines()
@@ -131,7 +132,7 @@ def test_a_torch_torchvision_mismatch_stops_at_start(capsys, monkeypatch):
 
 
 def test_the_torchvision_import_error_is_one_line():
-    from xai_exp.app import user_message
+    from xai_exp.app.hydra_app import user_message
 
     error = RuntimeError("operator torchvision::nms does not exist")
     line = user_message(error)

@@ -7,18 +7,18 @@ import pandas as pd
 import pytest
 from conftest import TINY_STUDY
 
-from xai_exp import cli
-from xai_exp import compare as cmp
-from xai_exp.agreement import rank_correlation
-from xai_exp.app import compose_config
-from xai_exp.data import bundled_images
-from xai_exp.explainers import cam as cam_module
-from xai_exp.explainers.cam import compute_cam
-from xai_exp.job import JobContext, execute
-from xai_exp.masks import cam_top_fraction_mask
-from xai_exp.method_agreement import LIME, as_matrix
-from xai_exp.metrics import iou
-from xai_exp.models import fit_to_input, load_classifier
+from xai_exp.app import cli
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, execute
+from xai_exp.compare import comparison as cmp
+from xai_exp.compare.method_agreement import LIME, as_matrix
+from xai_exp.data.images import bundled_images
+from xai_exp.evaluate.agreement import rank_correlation
+from xai_exp.evaluate.masks import cam_top_fraction_mask
+from xai_exp.evaluate.overlap import iou
+from xai_exp.explain import cam as cam_module
+from xai_exp.explain.cam import compute_cam
+from xai_exp.models.classifier import fit_to_input, load_classifier
 
 
 @pytest.mark.slow

@@ -14,10 +14,10 @@ from conftest import TINY_STUDY, study_command
 from test_pipeline import IMAGES, config
 from tiny_models import tiny_classifier
 
+from xai_exp.app.job import check_config
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, StudyConfig
-from xai_exp.job import check_config
-from xai_exp.model_facts import (
+from xai_exp.models.facts import (
     FACTS_KIND,
     DeferredClassifier,
     ModelFacts,
@@ -27,7 +27,7 @@ from xai_exp.model_facts import (
     facts_of,
     store_facts,
 )
-from xai_exp.pipeline import Study, run_study
+from xai_exp.study.pipeline import Study, run_study
 
 LIMIT = "data.limit=2"
 
@@ -143,7 +143,7 @@ def test_facts_key_follows_the_weights_file_and_refuses_what_only_a_build_can_te
     downloaded.model.arch, downloaded.model.weights = "resnet18", "pretrained"
     assert facts_key(downloaded) is None  # only the download says which weights
     assert facts_key(dataclasses.replace(cfg, device="cuda")) is None
-    monkeypatch.setattr("xai_exp.model_facts.gpu_driver_present", lambda: True)
+    monkeypatch.setattr("xai_exp.models.facts.gpu_driver_present", lambda: True)
     assert facts_key(dataclasses.replace(cfg, device="auto")) is None  # torch must decide
     assert facts_key(cfg) is not None  # device=cpu needs no torch to decide
 

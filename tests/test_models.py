@@ -6,8 +6,8 @@ import torch
 import torchvision
 
 from xai_exp.config import ConfigError, ModelConfig
-from xai_exp.data import bundled_images
-from xai_exp.models import ModelLoadError, fit_to_input, load_classifier, resolve_layer
+from xai_exp.data.images import bundled_images
+from xai_exp.models.classifier import ModelLoadError, fit_to_input, load_classifier, resolve_layer
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from tiny_models import smooth_image, tiny_classifier
 
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, LimeConfig, MethodConfig, StudyConfig, ThresholdConfig
-from xai_exp.data import ImageItem
-from xai_exp.pipeline import Study, run_study
+from xai_exp.data.images import ImageItem
+from xai_exp.study.pipeline import Study, run_study
 
 
 def item(name: str, seed: int) -> ImageItem:
@@ -160,8 +160,8 @@ def test_metrics_beyond_iou_are_computed_once_and_reused_across_thresholds(tmp_p
 
 
 def test_several_lime_seeds_give_lime_self_agreement_and_iou_per_seed(tmp_path):
-    from xai_exp.metrics import iou
-    from xai_exp.results import summary_metrics
+    from xai_exp.evaluate.overlap import iou
+    from xai_exp.evaluate.results import summary_metrics
 
     classifier = tiny_classifier()
     cache = ExplanationCache(tmp_path)
@@ -194,7 +194,7 @@ def test_several_lime_seeds_give_lime_self_agreement_and_iou_per_seed(tmp_path):
 
 
 def test_each_image_records_its_chance_level_ceiling_and_agreement_above_chance():
-    from xai_exp.metrics import iou_ceiling, iou_chance
+    from xai_exp.evaluate.overlap import iou_ceiling, iou_chance
 
     study = Study(config(fraction=0.2), tiny_classifier(), ExplanationCache(enabled=False))
     results = run_study(study, IMAGES, progress=False)
@@ -218,10 +218,8 @@ def test_editing_a_step_s_code_recomputes_its_entries_and_no_other_s(tmp_path, m
     from xai_exp import cache as cache_module
 
     real = cache_module.module_digest
-    source = (
-        cache_module.Path(cache_module.__file__).parent / "explainers" / "cam.py"
-    ).read_bytes()
-    assert real("xai_exp.explainers.cam") == hashlib.sha256(source).hexdigest()
+    source = (cache_module.Path(cache_module.__file__).parent / "explain" / "cam.py").read_bytes()
+    assert real("xai_exp.explain.cam") == hashlib.sha256(source).hexdigest()
 
     def edit(*modules: str) -> None:  # as if these modules' code had been changed
         fake = {name: "edited" for name in modules}
@@ -235,15 +233,17 @@ def test_editing_a_step_s_code_recomputes_its_entries_and_no_other_s(tmp_path, m
     classifier = tiny_classifier()
     cache = ExplanationCache(tmp_path)
     _, iou_first = run()
-    edit("xai_exp.compare", "xai_exp.plots", "xai_exp.tracking")  # no step's code
+    edit(
+        "xai_exp.compare.comparison", "xai_exp.outputs.plots", "xai_exp.track.runs"
+    )  # no step's code
     assert run() == ((True, True, True), iou_first)
-    edit("xai_exp.explainers.cam")
+    edit("xai_exp.explain.cam")
     assert run()[0] == (False, True, True)
-    edit("xai_exp.explainers.lime")  # the CAM code is as first cached again
+    edit("xai_exp.explain.lime")  # the CAM code is as first cached again
     assert run()[0] == (True, True, False)
-    edit("xai_exp.explainers.superpixels")  # LIME's key holds its superpixels'
+    edit("xai_exp.explain.superpixels")  # LIME's key holds its superpixels'
     assert run()[0] == (True, False, False)
-    edit("xai_exp.views")  # the view every step starts from
+    edit("xai_exp.models.views")  # the view every step starts from
     assert run()[0] == (False, False, False)
     monkeypatch.setattr(cache_module, "module_digest", real)
     assert run() == ((True, True, True), iou_first)

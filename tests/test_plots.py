@@ -7,14 +7,14 @@ import pandas as pd
 from conftest import drawn_result
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp import plots
 from xai_exp.cache import ExplanationCache
+from xai_exp.compare.report import GalleryItem, render_html
 from xai_exp.config import LimeConfig, PlotsConfig, StudyConfig
-from xai_exp.data import ImageItem
-from xai_exp.outputs import ResultsWriter, write_run_files
-from xai_exp.pipeline import Study, run_study
-from xai_exp.report import GalleryItem, render_html
-from xai_exp.results import ImageResult
+from xai_exp.data.images import ImageItem
+from xai_exp.evaluate.results import ImageResult
+from xai_exp.outputs import plots
+from xai_exp.outputs.writer import ResultsWriter, write_run_files
+from xai_exp.study.pipeline import Study, run_study
 
 
 def test_agreement_panel_colours_cam_only_lime_only_and_both():

@@ -10,11 +10,11 @@ import pytest
 from conftest import TINY_STUDY
 from omegaconf import OmegaConf
 
-from xai_exp import compare as cmp
-from xai_exp.app import compose_config
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, execute
+from xai_exp.compare import comparison as cmp
 from xai_exp.config import StudyConfig
-from xai_exp.job import JobContext, execute
-from xai_exp.results import (
+from xai_exp.evaluate.results import (
     METRICS,
     RECORD_COLUMNS,
     Direction,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp.explainers.cam import compute_cam
-from xai_exp.masks import DegenerateMapError
-from xai_exp.models import Classifier, resolve_layer
-from xai_exp.sanity import parameterised_layers, randomisation_check
+from xai_exp.evaluate.masks import DegenerateMapError
+from xai_exp.evaluate.sanity import parameterised_layers, randomisation_check
+from xai_exp.explain.cam import compute_cam
+from xai_exp.models.classifier import Classifier, resolve_layer
 
 SIZE = 24
 LAYERS = ["fc", "features.2", "features.0"]  # TinyCNN, output side first
@@ -150,8 +150,8 @@ def _degenerating_classifier() -> Classifier:
 def test_a_model_whose_map_degenerates_fails_the_check_in_the_study(tmp_path):
     from xai_exp.cache import ExplanationCache
     from xai_exp.config import StudyConfig
-    from xai_exp.data import ImageItem
-    from xai_exp.pipeline import Study, run_study
+    from xai_exp.data.images import ImageItem
+    from xai_exp.study.pipeline import Study, run_study
 
     classifier = _degenerating_classifier()
     explain = gradcam_explainer(smooth_image(SIZE, 0), 3)
@@ -185,7 +185,7 @@ class BatchNormAct(torch.nn.BatchNorm2d):
 
 
 def test_modules_with_children_are_reset_with_their_running_statistics():
-    from xai_exp.sanity import _randomise
+    from xai_exp.evaluate.sanity import _randomise
 
     norm = BatchNormAct(4)
     with torch.no_grad():

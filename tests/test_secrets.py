@@ -11,8 +11,8 @@ import pytest
 from conftest import RUN_PY, TINY_STUDY
 from mlflow.tracking import MlflowClient
 
-from xai_exp import masking
-from xai_exp.tracking import redact_uri, scrub
+from xai_exp.track import masking
+from xai_exp.track.runs import redact_uri, scrub
 
 SECRET = "s3cret"
 
@@ -130,7 +130,7 @@ def test_a_bad_port_is_one_line_without_the_password(tmp_path, free_port, port):
 
 
 def test_compare_never_prints_a_query_secret(free_port, capsys):
-    from xai_exp.cli import main
+    from xai_exp.app.cli import main
 
     uri = f"http://127.0.0.1:{free_port}/?access_token={SECRET}"
     assert main(["compare", "--tracking-uri", uri]) == 2

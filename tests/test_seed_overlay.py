@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp import plots
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import LimeConfig, MethodConfig, StudyConfig, ThresholdConfig
-from xai_exp.data import ImageItem
-from xai_exp.metrics import iou
-from xai_exp.pipeline import Study, run_study
-from xai_exp.results import METRICS, ImageResult
+from xai_exp.data.images import ImageItem
+from xai_exp.evaluate.overlap import iou
+from xai_exp.evaluate.results import METRICS, ImageResult
+from xai_exp.outputs import plots
+from xai_exp.study.pipeline import Study, run_study
 
 
 def config(seeds: list[int]) -> StudyConfig:

@@ -17,18 +17,18 @@ import pytest
 from conftest import RUN_PY, TINY_STUDY, FakeImage
 from tiny_models import tiny_classifier
 
-from xai_exp import compare as cmp
-from xai_exp.annotations import _is_number  # the one "is this text a number" test
-from xai_exp.app import config_dir
+from xai_exp.app.hydra_app import config_dir
+from xai_exp.app.overrides import problem
 from xai_exp.cache import ExplanationCache
+from xai_exp.compare import comparison as cmp
 from xai_exp.config import ConfigError, LimeConfig, StudyConfig
-from xai_exp.data import ImageItem
-from xai_exp.explainers.superpixels import check_segmentation
-from xai_exp.masks import DegenerateMapError, lime_area_matched_mask, lime_top_k_mask
-from xai_exp.outputs import FORMULA_START, inert_cell, plain_cell
-from xai_exp.overrides import problem
-from xai_exp.pipeline import Study, run_study
-from xai_exp.tracking import TrackingError, connect, unwritable
+from xai_exp.data.annotations import _is_number  # the one "is this text a number" test
+from xai_exp.data.images import ImageItem
+from xai_exp.evaluate.masks import DegenerateMapError, lime_area_matched_mask, lime_top_k_mask
+from xai_exp.explain.superpixels import check_segmentation
+from xai_exp.outputs.writer import FORMULA_START, inert_cell, plain_cell
+from xai_exp.study.pipeline import Study, run_study
+from xai_exp.track.runs import TrackingError, connect, unwritable
 
 
 def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -10,9 +10,9 @@ import pytest
 from conftest import EXPERIMENT, FakeImage
 from scipy import stats
 
-from xai_exp import compare as cmp
-from xai_exp.results import ImageResult, summary_metrics
-from xai_exp.statistics import RESAMPLES, mean_interval, paired_difference
+from xai_exp.compare import comparison as cmp
+from xai_exp.evaluate.results import ImageResult, summary_metrics
+from xai_exp.evaluate.statistics import RESAMPLES, mean_interval, paired_difference
 
 
 def _scipy_interval(values, method="BCa"):

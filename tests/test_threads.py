@@ -14,12 +14,12 @@ import torch
 from conftest import REPO_ROOT, TINY_STUDY
 from mlflow.tracking import MlflowClient
 
-from xai_exp import threads
-from xai_exp.app import compose_config
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.app.job import JobContext, execute
 from xai_exp.config import ConfigError, validate
-from xai_exp.job import JobContext, execute
-from xai_exp.pipeline import superpixel_worker_count
-from xai_exp.threads import cgroup_cpus, cpu_share, inference_threads
+from xai_exp.models import threads
+from xai_exp.models.threads import cgroup_cpus, cpu_share, inference_threads
+from xai_exp.study.pipeline import superpixel_worker_count
 
 NO_LIMITS: dict[str, str] = {}  # an environment without SLURM_CPUS_PER_TASK or OMP_NUM_THREADS
 
@@ -147,7 +147,7 @@ def test_gpu_superpixel_workers_fit_the_cpu_share(monkeypatch):
 def test_configuring_threads_does_not_load_torch():
     code = (
         "import sys\n"
-        "from xai_exp import threads\n"
+        "from xai_exp.models import threads\n"
         "count = threads.configure_threads(None)\n"
         "print(count.threads >= 1, 'torch' in sys.modules)"
     )
@@ -162,7 +162,8 @@ import torch
 before = torch.get_num_threads()
 first = min(os.sched_getaffinity(0))
 os.sched_setaffinity(0, {first})
-from xai_exp import inference, threads
+from xai_exp.models import inference
+from xai_exp.models import threads
 from tiny_models import tiny_classifier
 share = threads.cpu_share()
 classifier = tiny_classifier()

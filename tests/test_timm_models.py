@@ -9,17 +9,22 @@ import torch
 from conftest import find_free_port
 from torch import nn
 
-from xai_exp import pipeline
-from xai_exp.architectures import FAMILY_LAYERS, TokensToGrid, family_of
+from xai_exp.app.job import check_config
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import ConfigError, LimeConfig, ModelConfig, StudyConfig
-from xai_exp.data import ImageItem, bundled_images
-from xai_exp.explainers import cam as cam_module
-from xai_exp.explainers import lime, superpixels
-from xai_exp.explainers.cam import CAM_METHODS, cam_implementation, compute_cam
-from xai_exp.job import check_config
-from xai_exp.models import ModelLoadError, fit_to_input, load_classifier, prepare_classifier
-from xai_exp.views import View
+from xai_exp.data.images import ImageItem, bundled_images
+from xai_exp.explain import cam as cam_module
+from xai_exp.explain import lime, superpixels
+from xai_exp.explain.cam import CAM_METHODS, cam_implementation, compute_cam
+from xai_exp.models.architectures import FAMILY_LAYERS, TokensToGrid, family_of
+from xai_exp.models.classifier import (
+    ModelLoadError,
+    fit_to_input,
+    load_classifier,
+    prepare_classifier,
+)
+from xai_exp.models.views import View
+from xai_exp.study import pipeline
 
 SIZE = 64
 SMALL = {  # family -> (timm name, arguments that keep it small at 64 px)
@@ -237,7 +242,7 @@ def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do(monkeypatch):
 
     from huggingface_hub import constants
 
-    from xai_exp import hub
+    from xai_exp.models import hub
 
     monkeypatch.setattr(timm, "create_model", offline)
     # the hub probe stays on this machine: a closed local port stands for the hub

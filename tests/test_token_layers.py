@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from xai_exp.app import compose_config
-from xai_exp.architectures import ChannelsFirst, TokensToGrid, family_of, layer_reshape
-from xai_exp.data import bundled_images
-from xai_exp.explainers.cam import compute_cam
-from xai_exp.models import fit_to_input, load_classifier
+from xai_exp.app.hydra_app import compose_config
+from xai_exp.data.images import bundled_images
+from xai_exp.explain.cam import compute_cam
+from xai_exp.models.architectures import ChannelsFirst, TokensToGrid, family_of, layer_reshape
+from xai_exp.models.classifier import fit_to_input, load_classifier
 
 SWIN = "swin_tiny_patch4_window7_224"
 

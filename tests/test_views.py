@@ -15,13 +15,13 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision.transforms import functional as tvf
 
-from xai_exp.models import (
+from xai_exp.models.classifier import (
     Preprocessing,
     _bundled_efficientnet,
     timm_preprocessing,
     torchvision_preprocessing,
 )
-from xai_exp.views import CENTER, SQUARE, SQUASH, View, fit_mask_to_input, fit_to_input
+from xai_exp.models.views import CENTER, SQUARE, SQUASH, View, fit_mask_to_input, fit_to_input
 
 # (width, height): odd aspect ratios, tall and wide, 1-pixel strips, exact squares, smaller
 # than the crop; 367x256 is cut at column 72 by CenterCrop (71 when the offset is floored)
@@ -172,7 +172,7 @@ def test_the_issues_rounding_cases():
     # timm floors the resize (235, not 236, at 0.95); torchvision truncates the long side
     # (goldfish 376x263 at 256: 365 wide, not 366); CenterCrop rounds (367x256: column 72)
     assert timm_case("resnet18 (crop 0.95)")[0].resize_size == 235
-    from xai_exp.views import center_crop, resized_size
+    from xai_exp.models.views import center_crop, resized_size
 
     assert resized_size(376, 263, 256) == (365, 256)
     image = np.tile(np.arange(367, dtype=np.uint16)[None, :, None], (256, 1, 3))
@@ -213,9 +213,9 @@ def test_a_crop_mode_xai_exp_cannot_view_is_refused():
 def test_the_models_view_changes_the_cache_keys_and_square_keeps_them(tmp_path):
     from xai_exp.cache import ExplanationCache
     from xai_exp.config import StudyConfig
-    from xai_exp.data import ImageItem
-    from xai_exp.model_facts import DeferredClassifier, ModelFacts
-    from xai_exp.pipeline import Study
+    from xai_exp.data.images import ImageItem
+    from xai_exp.models.facts import DeferredClassifier, ModelFacts
+    from xai_exp.study.pipeline import Study
 
     def base_key(**view: object) -> dict:
         facts = ModelFacts(
@@ -246,8 +246,8 @@ def test_the_studys_view_and_input_are_the_libraries_transform(model):
     """Through load_classifier and the cached facts: the view a study explains and draws on,
     and the tensor the model sees, are the library's own transform of the image."""
     from xai_exp.config import ModelConfig
-    from xai_exp.model_facts import DeferredClassifier, ModelFacts
-    from xai_exp.models import load_classifier
+    from xai_exp.models.classifier import load_classifier
+    from xai_exp.models.facts import DeferredClassifier, ModelFacts
 
     classifier = load_classifier(ModelConfig(**model), "cpu")
     facts = ModelFacts.from_meta(DeferredClassifier.ready(classifier, "torch").facts.to_meta())

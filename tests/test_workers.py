@@ -10,12 +10,12 @@ import sys
 import numpy as np
 from tiny_models import smooth_image, tiny_classifier
 
-from xai_exp import pipeline
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import LimeConfig, StudyConfig
-from xai_exp.data import ImageItem
-from xai_exp.explainers import superpixels
-from xai_exp.pipeline import Study, run_study, superpixel_worker_count
+from xai_exp.data.images import ImageItem
+from xai_exp.explain import superpixels
+from xai_exp.study import pipeline
+from xai_exp.study.pipeline import Study, run_study, superpixel_worker_count
 
 ITEMS = 5
 
@@ -142,7 +142,7 @@ def test_worker_count():
 
 def test_superpixel_workers_import_no_torch():
     code = (
-        "import sys\nimport xai_exp.explainers.superpixels\n"
+        "import sys\nimport xai_exp.explain.superpixels\n"
         "print('torch' in sys.modules, 'mlflow' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

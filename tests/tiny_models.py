@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xai_exp.models import Classifier, prepare_classifier
+from xai_exp.models.classifier import Classifier, prepare_classifier
 
 
 class TinyCNN(nn.Module):

@@ -160,7 +160,7 @@ class InferenceConfig:
     torch or onnxruntime. `workers`: CPU processes that compute the superpixels of the next
     images while the current one is explained; null picks (GPU: up to 4, CPU: 0, inline).
     `threads`: torch and ONNX Runtime threads; null: the CPUs this process may use (its
-    affinity, cgroup CPU quota, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS; `xai_exp.threads`).
+    affinity, cgroup CPU quota, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS; `xai_exp.models.threads`).
     """
 
     engine: str = "auto"
