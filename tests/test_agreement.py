@@ -39,7 +39,7 @@ def test_identical_maps_agree_perfectly():
     cam = lime_weight_map(segments, weights)
     lime_mask = np.isin(segments, np.argsort(-weights)[:3])
 
-    result = agreement(cam, segments, weights, lime_mask)
+    result = agreement(cam, lime_weight_map(segments, weights), lime_mask)
 
     np.testing.assert_array_equal(result.ious, 1.0)
     assert result.fractions.shape == DEFAULT_FRACTIONS.shape
@@ -76,7 +76,7 @@ def test_disjoint_top_regions_have_near_zero_auc():
     weights = np.array([float(c) for c in range(4)] * 4)  # superpixel column index: right wins
     lime_mask = np.isin(segments, np.flatnonzero(weights == weights.max()))
 
-    metrics = agreement(cam, segments, weights, lime_mask).metrics()
+    metrics = agreement(cam, lime_weight_map(segments, weights), lime_mask).metrics()
 
     assert metrics["iou_auc"] < 0.05
     assert metrics["spearman"] < -0.9

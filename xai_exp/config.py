@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +11,11 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line that says how to fix it."""
+
+
+# A key that changes no result (where runs are logged and cached, how work is batched or
+# split, which metrics are on): `compare` puts runs that differ only in such keys in one row.
+NO_RESULT = {"setting": False}
 
 
 @dataclass
@@ -39,14 +46,16 @@ class DataConfig:
     limit: int | None = None
     recursive: bool = True
     manifest: str | None = None
-    max_file_mb: float = 200.0
+    max_file_mb: float = field(default=200.0, metadata=NO_RESULT)
     # the pixel budget: a larger image is skipped from its header, never decoded (Pillow's own
     # default limit, 89.5 MP); allowed ones are decoded with memory bounded by it
     max_pixels: int = 89_478_485
-    read_timeout_s: float | None = 60.0  # one file's read + decode; null: no bound
+    # one file's read + decode; null: no bound
+    read_timeout_s: float | None = field(default=60.0, metadata=NO_RESULT)
     follow_external_symlinks: bool = False  # symlinks resolving outside data.dir are skipped
-    num_shards: int = 1
-    shard: int = 0
+    # shards of one setting pool into one row
+    num_shards: int = field(default=1, metadata=NO_RESULT)
+    shard: int = field(default=0, metadata=NO_RESULT)
     # ground truth: a folder of object masks (by image stem), or boxes (a CSV, or ImageNet XML)
     masks_dir: str | None = None
     boxes: str | None = None
@@ -59,8 +68,21 @@ class MethodConfig:
     name: str = "gradcam"
     # null: the predicted class; true: the image's true class; N: class index N
     target_class: int | bool | str | None = None
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=NO_RESULT)
     implementation: str = "fast"
+
+
+@dataclass
+class ReferenceConfig:
+    """The explainer the CAM is compared with (``conf/reference/*.yaml``): `lime` (set by the
+    ``lime:`` group), a CAM method, or any registered explainer (`xai_exp.explain.registry`)
+    with its `params`. `seed`, `batch_size` and `implementation` apply to those beyond LIME."""
+
+    name: str = "lime"
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = field(default=64, metadata=NO_RESULT)
+    implementation: str = "fast"  # a CAM as the reference: xai-exp's fast path or grad-cam's
 
 
 @dataclass
@@ -90,7 +112,7 @@ class LimeConfig:
     num_samples: int = 1000
     num_features: int = 5
     hide_color: int | None = None
-    batch_size: int = 100
+    batch_size: int = field(default=100, metadata=NO_RESULT)
     seed: int = 0
     # several seeds per image (LIME's own spread): an explicit list, or `repeats` seeds from seed
     seeds: list[int] = field(default_factory=list)
@@ -121,16 +143,17 @@ class CacheConfig:
 class MetricsConfig:
     """Which metrics beyond IoU: threshold-free agreement, deletion/insertion, randomisation."""
 
-    agreement: bool = True
-    faithfulness: bool = False
-    sanity: bool = False
+    agreement: bool = field(default=True, metadata=NO_RESULT)
+    faithfulness: bool = field(default=False, metadata=NO_RESULT)
+    sanity: bool = field(default=False, metadata=NO_RESULT)
     protocol: str = "xai_exp"  # deletion/insertion: xai_exp (steps, baseline) or rise (RISE's)
     steps: int = 20
     baseline: str = "blur"
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=NO_RESULT)
     sanity_layers: int | None = 3
     sanity_threshold: float = 0.5
-    plugins: list[str] = field(default_factory=list)  # modules that register more metrics
+    # modules that register more metrics (`plugins` at the top registers explainers too)
+    plugins: list[str] = field(default_factory=list, metadata=NO_RESULT)
 
 
 @dataclass
@@ -170,22 +193,26 @@ class InferenceConfig:
 
 @dataclass
 class StudyConfig:
-    """The whole run: one model, one image set, one CAM method against LIME."""
+    """The whole run: one model, one image set, one CAM method against a reference explainer
+    (LIME by default)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     lime: LimeConfig = field(default_factory=LimeConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=NO_RESULT)
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata=NO_RESULT)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    plots: PlotsConfig = field(default_factory=PlotsConfig)
-    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig, metadata=NO_RESULT)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig, metadata=NO_RESULT)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     device: str = "auto"
     precision: str = "fp32"
-    progress: bool = True
+    progress: bool = field(default=True, metadata=NO_RESULT)
+    # modules imported before the study: they register explainers and metrics
+    plugins: list[str] = field(default_factory=list, metadata=NO_RESULT)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -204,6 +231,20 @@ FAITHFULNESS_PROTOCOLS = ("xai_exp", "rise")
 PLOT_FORMATS = ("png", "pdf", "svg")
 MAX_SEED = 2**32 - 1  # numpy's RandomState, which seeds lime's perturbations
 MAX_REPEATS = 20
+
+
+def keys_without_results(schema: type = StudyConfig, prefix: str = "") -> tuple[str, ...]:
+    """The config keys marked `NO_RESULT`, from the schema: ``tracking.`` for a whole group."""
+    found: list[str] = []
+    hints = typing.get_type_hints(schema)
+    for item in dataclasses.fields(schema):
+        key = f"{prefix}{item.name}"
+        kind = hints[item.name]
+        if item.metadata.get("setting") is False:
+            found.append(f"{key}." if dataclasses.is_dataclass(kind) else key)
+        elif dataclasses.is_dataclass(kind):
+            found.extend(keys_without_results(typing.cast(type, kind), f"{key}."))
+    return tuple(found)
 
 
 def lime_seeds(lime: LimeConfig) -> list[int]:
@@ -298,6 +339,13 @@ def validate(cfg: StudyConfig) -> None:
     _check(cfg.lime.num_features >= 1, f"lime.num_features={cfg.lime.num_features} must be >= 1")
     _check(cfg.lime.batch_size >= 1, f"lime.batch_size={cfg.lime.batch_size} must be >= 1")
     _check(cfg.method.batch_size >= 1, f"method.batch_size={cfg.method.batch_size} must be >= 1")
+    reference = cfg.reference
+    _check(reference.batch_size >= 1, f"reference.batch_size={reference.batch_size} must be >= 1")
+    _check(
+        0 <= reference.seed <= MAX_SEED,
+        f"reference.seed={reference.seed} must be in 0..{MAX_SEED}",
+    )
+    _check_choice(reference.implementation, IMPLEMENTATIONS, "reference.implementation")
     _check_choice(cfg.lime.implementation, IMPLEMENTATIONS, "lime.implementation")
     _check_choice(cfg.method.implementation, IMPLEMENTATIONS, "method.implementation")
     _check_choice(cfg.lime.segmentation.algorithm, SEGMENTATIONS, "lime.segmentation.algorithm")
@@ -400,6 +448,23 @@ IGNORED_WHEN: tuple[tuple[tuple[str, ...], Callable[[StudyConfig], bool], str], 
         "the randomisation check is off; add metrics.sanity=true",
     ),
     (("cache.dir",), lambda cfg: not cfg.cache.enabled, "the cache is off; drop cache=off"),
+    (
+        (
+            "lime.num_samples",
+            "lime.seed",
+            "lime.seeds",
+            "lime.repeats",
+            "lime.batch_size",
+            "lime.implementation",
+        ),
+        lambda cfg: cfg.reference.name != "lime",
+        "the reference is not LIME; set the reference's own reference.params, or reference=lime",
+    ),
+    (
+        ("reference.params", "reference.seed", "reference.batch_size"),
+        lambda cfg: cfg.reference.name == "lime",
+        "LIME's settings are lime.* (lime.num_samples, lime.seed, ...)",
+    ),
     (
         ("model.kwargs",),
         lambda cfg: cfg.model.source != "timm",

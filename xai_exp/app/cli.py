@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per action."""
     parser = argparse.ArgumentParser(
         prog="xai-exp",
-        description="Compare image explanations: a CAM method against LIME, logged to MLflow.",
+        description=(
+            "Compare image explanations: a CAM method against LIME or another explainer, "
+            "logged to MLflow."
+        ),
     )
     parser.add_argument(
         "--version",
@@ -104,7 +107,7 @@ def _compare(args: argparse.Namespace) -> int:
     from xai_exp.compare.method_agreement import as_matrix
     from xai_exp.config import ConfigError
     from xai_exp.errors import describe
-    from xai_exp.evaluate.results import load_plugins
+    from xai_exp.explain.registry import load_plugins
     from xai_exp.track.runs import TrackingError, bound_http_retries, redact_uri, scrub
 
     bound_http_retries()  # a lost server: bounded time, not MLflow's minutes per call

@@ -49,11 +49,11 @@ from xai_exp.evaluate.results import (
     METRICS,
     ImageResult,
     csv_columns,
-    load_plugins,
     summary_metrics,
 )
 from xai_exp.evaluate.statistics import MIN_INTERVAL_IMAGES, interval_warning
 from xai_exp.explain.cam import check_method
+from xai_exp.explain.registry import explainer, load_plugins
 from xai_exp.explain.superpixels import check_segmentation
 from xai_exp.files import atomic_write_text
 from xai_exp.models.facts import (
@@ -203,25 +203,33 @@ def describe_setting(cfg: StudyConfig) -> str:
     or precision is added to the setting.
     """
     lime, default = cfg.lime, StudyConfig().lime
+    is_lime = cfg.reference.name == "lime"
     parts = [
         cfg.method.name,
         f"top{cfg.threshold.cam_top_fraction * 100:g}%",
-        f"lime{lime.num_samples}",
+        f"lime{lime.num_samples}" if is_lime else cfg.reference.name,
     ]
     if cfg.threshold.lime_mode != "top_k":
         parts.append(cfg.threshold.lime_mode)
     if lime.segmentation.algorithm != default.segmentation.algorithm:
         parts.append(lime.segmentation.algorithm)
-    seeds = lime_seeds(lime)
+    seeds = lime_seeds(lime) if is_lime else [cfg.reference.seed]
     if len(seeds) > 1:
         parts.append("seeds" + "-".join(str(seed) for seed in seeds))
-    elif lime.seed != default.seed:
-        parts.append(f"seed{lime.seed}")
+    elif seeds[0] != default.seed:
+        parts.append(f"seed{seeds[0]}")
     if cfg.method.target_class is not None:
         parts.append(f"class{str(cfg.method.target_class).lower()}")
     if cfg.precision != "fp32":
         parts.append(cfg.precision)
     return f"{data_name(cfg)}/{model_name(cfg)}/{'-'.join(parts)}"
+
+
+def reference_label(cfg: StudyConfig) -> str:
+    """What the CAM is compared with, as titles say it: ``LIME-1000``, ``rise``, ``scorecam``."""
+    if cfg.reference.name == "lime":
+        return f"LIME-{cfg.lime.num_samples}"
+    return cfg.reference.name
 
 
 def _leading(override: str) -> int:
@@ -254,6 +262,7 @@ def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:
     versions = library_versions()
     tags = {
         "method": cfg.method.name,
+        "reference": cfg.reference.name,
         "precision": cfg.precision,
         **{f"version.{name}": versions[name] for name in ("torch", "grad-cam", "lime", "xai-exp")},
     }
@@ -372,9 +381,9 @@ def run_note(cfg: StudyConfig, summary: Mapping[str, float], files: list[Path]) 
     shown = mean_with_interval(summary)
     small = interval_warning(int(summary.get("n_compared", 0)))
     return (
-        f"**{cfg.method.name} vs LIME-{cfg.lime.num_samples}** on `{cfg.model.arch}` "
+        f"**{cfg.method.name} vs {reference_label(cfg)}** on `{cfg.model.arch}` "
         f"(target layer `{cfg.model.target_layer}`), CAM top {cfg.threshold.cam_top_fraction:g}, "
-        f"LIME mask {cfg.threshold.lime_mode}.\n\n"
+        f"reference mask {cfg.threshold.lime_mode}.\n\n"
         f"Mean IoU **{shown}** over "
         f"{int(summary.get('n_compared', 0))} of "
         f"{int(summary.get('n_images', 0))} images "
@@ -501,8 +510,9 @@ def check_config(
     holds the model's facts under `key` (`model_facts.facts_key`), they are checked instead
     and the network is loaded only when a prediction or a map is not cached.
     """
-    load_plugins(cfg.metrics.plugins)
+    load_plugins([*cfg.plugins, *cfg.metrics.plugins])
     check_method(cfg.method.name)
+    explainer(cfg.reference.name).with_params(cfg.reference.params)
     check_segmentation(cfg.lime.segmentation.algorithm, cfg.lime.segmentation.params)
     if cfg.data.source == "folder" and cfg.data.dir is not None:
         check_folder(cfg.data.dir)
@@ -513,6 +523,7 @@ def check_config(
     if cache is None or key is None or facts is None:
         return load_model(cfg)
     facts.check_method(cfg.method.name)
+    facts.check_method(cfg.reference.name, "reference")
 
     def build() -> tuple[Classifier, str]:
         classifier = load_model(cfg)
@@ -531,6 +542,7 @@ def load_model(cfg: StudyConfig) -> Classifier:
     classifier = load_classifier(cfg.model, cfg.device)
     if classifier.family is not None:
         classifier.family.check_method(cfg.method.name)
+        classifier.family.check_method(cfg.reference.name, "reference")
     return classifier
 
 
@@ -632,9 +644,10 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
                 f"{summary['n_failed']} failed); the reasons are in {writer.csv_path}"
             )
         log.info(
-            "%s vs LIME: mean IoU %s over %d compared of %d images, median %.3f "
+            "%s vs %s: mean IoU %s over %d compared of %d images, median %.3f "
             "(%d computed, %d reused)%s",
             cfg.method.name,
+            reference_label(cfg),
             mean_with_interval(summary),
             summary["n_compared"],
             len(results),

@@ -44,6 +44,7 @@ from xai_exp.compare.report import (
     render_html,
     settings_text,
 )
+from xai_exp.config import keys_without_results
 from xai_exp.data.images import SUPPORTED_EXTENSIONS, safe_artifact_stem
 from xai_exp.errors import describe
 from xai_exp.evaluate.results import METRICS, MetricSpec, Stat, Status, interval_names
@@ -76,31 +77,15 @@ log = logging.getLogger(__name__)
 # Short names for the settings everybody compares; other params keep their dotted names.
 ALIASES = {
     "method.name": "method",
+    "reference.name": "reference",
     "threshold.cam_top_fraction": "cam_top_fraction",
     "threshold.lime_mode": "lime_mode",
     "lime.num_samples": "lime_samples",
 }
 ALWAYS_SHOWN = ("method", "cam_top_fraction")  # columns even when they do not vary
-# Params that change no result: where runs are logged and cached, how work is batched, which
-# metrics are switched on (they add columns, they do not change values).
-NOT_SETTINGS = (
-    "tracking.",
-    "cache.",
-    "progress",
-    "metrics.plugins",
-    "metrics.agreement",
-    "metrics.faithfulness",
-    "metrics.sanity",
-    "metrics.batch_size",
-    "lime.batch_size",
-    "method.batch_size",
-    "data.num_shards",  # shards of one setting pool into one row
-    "data.shard",
-    "data.max_file_mb",
-    "data.read_timeout_s",
-    "outputs.",
-    "plots.",
-)
+# Params that change no result (where runs are logged and cached, how work is batched, which
+# metrics are switched on): the schema marks them (`xai_exp.config.NO_RESULT`).
+NOT_SETTINGS = keys_without_results()
 IOU_COLUMNS = ("mean_iou", *interval_names("mean_iou"), "std_iou", "min_iou", "max_iou")
 CSV_NAME = "comparison.csv"
 PLOT_NAME = "iou_vs_threshold.png"
@@ -233,6 +218,7 @@ def run_settings(run: Run) -> dict[str, Any]:
         if _is_setting(key)
     }
     settings.setdefault("method", run.data.tags.get("method") or "unknown")
+    settings.setdefault("reference", "lime")  # runs from before `reference=` compared with LIME
     settings.setdefault("cam_top_fraction", math.nan)
     return settings
 
@@ -281,7 +267,12 @@ def comparison_title(frame: pd.DataFrame, most: int = 6) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     methods = " vs ".join(str(m) for m in values("method")) or "CAM"
-    varying = [k for k in shown_settings(frame) if k != "method" and _distinct(frame[k]) > 1]
+    references = " vs ".join("LIME" if r == "lime" else str(r) for r in values("reference"))
+    varying = [
+        k
+        for k in shown_settings(frame)
+        if k not in ("method", "reference") and _distinct(frame[k]) > 1
+    ]
     parts = []
     for key in (varying or ["cam_top_fraction"])[:3]:
         shown = [text(key, v) for v in values(key)]
@@ -301,7 +292,8 @@ def comparison_title(frame: pd.DataFrame, most: int = 6) -> str:
         random = weights == ["null"] and values("model.checkpoint") in ([], ["null"])
         shared.append(f"{archs[0]}{' (random weights)' if random else ''}")
     where = f" on {', '.join(shared)}" if shared else ""
-    return f"{methods} vs LIME" + (": " + "; ".join(parts) if parts else "") + where
+    versus = f"{methods} vs {references or 'LIME'}"
+    return versus + (": " + "; ".join(parts) if parts else "") + where
 
 
 def _sort_key(value: Any) -> tuple:

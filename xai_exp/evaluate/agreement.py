@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xai_exp.evaluate.masks import cam_top_fraction_mask, check_map, lime_weight_map
+from xai_exp.evaluate.masks import cam_top_fraction_mask, check_map
 from xai_exp.evaluate.overlap import iou
 
 DEFAULT_FRACTIONS = np.linspace(0.01, 0.5, 50)
@@ -118,13 +118,12 @@ class Agreement:
 
 def agreement(
     cam: np.ndarray,
-    segments: np.ndarray,
-    weights: np.ndarray,
+    lime_map: np.ndarray,
     lime_mask: np.ndarray,
     fractions: np.ndarray = DEFAULT_FRACTIONS,
 ) -> Agreement:
-    """Agreement of a CAM map with LIME's weight map (curve, AUC, Spearman, pointing game)."""
-    lime_map = lime_weight_map(segments, np.asarray(weights))
+    """Agreement of a CAM map with the reference's pixel map (LIME's: `lime_weight_map`):
+    curve, AUC, Spearman and the pointing game into the reference's mask."""
     fractions, ious = iou_curve(cam, lime_map, fractions)
     return Agreement(
         fractions=fractions,

@@ -15,17 +15,14 @@ No MLflow, no Hydra here: the job and ``compare`` read the registry, not the oth
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xai_exp.config import ConfigError
-from xai_exp.errors import describe
 from xai_exp.evaluate import localisation
 from xai_exp.evaluate.agreement import Agreement, agreement
 from xai_exp.evaluate.masks import DegenerateMapError, lime_weight_map
@@ -81,14 +78,15 @@ class Evidence:
 
     view: np.ndarray  # HxWx3 uint8, what both methods explain
     cam: np.ndarray  # HxW float
-    segments: np.ndarray  # HxW int, superpixel ids 0..n-1
-    weights: np.ndarray  # n float, LIME weight per superpixel
+    segments: np.ndarray | None  # HxW int, superpixel ids 0..n-1 (a superpixel reference)
+    weights: np.ndarray | None  # n float, the reference's weight per superpixel
     cam_mask: np.ndarray
-    lime_mask: np.ndarray | None
+    lime_mask: np.ndarray | None  # the reference's mask
     target: int
     faithfulness_of: Callable[[str, np.ndarray], FaithfulnessCurves]
     sanity_of: Callable[[], RandomisationResult]
     object_mask: np.ndarray | None = None  # HxW bool: the annotated object in the view
+    reference_map: np.ndarray | None = None  # HxW: a pixel-map reference's map
     problems: dict[str, str] = field(default_factory=dict)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -108,17 +106,19 @@ class Evidence:
 
     @property
     def lime_map(self) -> np.ndarray:
-        """LIME's per-pixel weight map."""
+        """The reference's per-pixel map (LIME's weights painted on their superpixels)."""
+        if self.reference_map is not None:
+            return self.reference_map
+        assert self.segments is not None
+        assert self.weights is not None
         return lime_weight_map(self.segments, self.weights)
 
     def agreement(self) -> Agreement | None:
-        """IoU curve, Spearman and pointing game (None without a LIME mask)."""
+        """IoU curve, Spearman and pointing game (None without a reference mask)."""
         lime_mask = self.lime_mask
         if lime_mask is None:
             return None
-        return self.shared(
-            "agreement", lambda: agreement(self.cam, self.segments, self.weights, lime_mask)
-        )
+        return self.shared("agreement", lambda: agreement(self.cam, self.lime_map, lime_mask))
 
     def curves(self, source: str) -> FaithfulnessCurves | None:
         """Deletion/insertion curves of the CAM map (`cam`) or LIME's weight map (`lime`)."""
@@ -200,18 +200,6 @@ def register(spec: MetricSpec) -> MetricSpec:
         raise ValueError(f"metric name {spec.name!r} is a results column already")
     METRICS[spec.name] = spec
     return spec
-
-
-def load_plugins(modules: Iterable[str]) -> None:
-    """Import modules whose import registers more metrics (``metrics.plugins``)."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # noqa: BLE001 - any import failure is the user's to fix
-            raise ConfigError(
-                f"cannot import the metric plugin {name!r} ({describe(error)}); "
-                "is its folder on PYTHONPATH?"
-            ) from None
 
 
 def unregister(name: str) -> None:
@@ -479,6 +467,7 @@ class ImageResult:
     lime_mask_fraction: float = math.nan
     iou_by_seed: str = ""  # with several lime seeds: the CAM-vs-LIME IoU per seed, ";"-joined
     lime_seeds: tuple[int, ...] = ()  # the LIME seeds explained; masks and maps are the first's
+    reference: str = "LIME"  # what the CAM is compared with, as figures name it
     n_superpixels: int = 0
     cam_reused: bool = False
     lime_reused: bool = False

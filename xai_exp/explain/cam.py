@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xai_exp.config import ConfigError
+from xai_exp.explain.registry import TRANSFORMERS, ExplainerSpec, Family, Output, register
 
 if TYPE_CHECKING:  # torch loads with the model, not when a fully cached run starts
     import torch
@@ -35,6 +35,37 @@ CAM_METHODS: dict[str, str] = {
     "fullgrad": "FullGrad",
     "randomcam": "RandomCAM",
 }
+GRADIENT_FREE = ("scorecam", "ablationcam", "eigencam", "kpcacam", "fem", "randomcam")
+FORWARD_ONLY = ("scorecam",)  # whose fast path runs logits-only forward passes (the engine's)
+_TRANSFORMER_LIMITS = {
+    "ablationcam": "it ablates convolutional channels, not tokens",
+    "fullgrad": "it needs the bias gradients of convolutional layers",
+    "shapleycam": "grad-cam's ShapleyCAM does not reshape its second-order gradients",
+}
+# the modules whose code computes a CAM map (the fast path and the forward-pass engine are
+# added to a key where they run: `xai_exp.study.pipeline`)
+CAM_CODE = (
+    "xai_exp.data.images",
+    "xai_exp.models.views",
+    "xai_exp.models.classifier",
+    "xai_exp.models.architectures",
+    "xai_exp.explain.cam",
+)
+for _name, _class in CAM_METHODS.items():
+    register(
+        ExplainerSpec(
+            _name,
+            Family.ACTIVATION_CAM if _name in GRADIENT_FREE else Family.GRADIENT_CAM,
+            Output.PIXELS,
+            libraries=("torch", "torchvision", "grad-cam"),
+            code=CAM_CODE,
+            forward_only=_name in FORWARD_ONLY,
+            description=f"grad-cam's {_class} at the target layer",
+            refuses={family: _TRANSFORMER_LIMITS[_name] for family in TRANSFORMERS}
+            if _name in _TRANSFORMER_LIMITS
+            else {},
+        )
+    )
 # grad-cam modules that print their own tqdm progress bars.
 _NOISY_MODULES = ("pytorch_grad_cam.score_cam", "pytorch_grad_cam.ablation_cam")
 
@@ -48,9 +79,10 @@ def _classifier_target(target_class: int) -> object:
 
 
 def check_method(name: str) -> None:
-    """Raise ConfigError for a method name grad-cam does not ship."""
-    if name not in CAM_METHODS:
-        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(CAM_METHODS)}")
+    """Raise ConfigError for a name that is not a registered CAM method."""
+    from xai_exp.explain.registry import cam_method
+
+    cam_method(name)
 
 
 class _SilentTqdm:

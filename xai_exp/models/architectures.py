@@ -50,27 +50,24 @@ Reshape = TokensToGrid | ChannelsFirst
 
 @dataclass(frozen=True)
 class Family:
-    """An architecture family: its default target layer, its reshape transform (transformers),
-    and the CAM methods that cannot work on it (method -> why)."""
+    """An architecture family: its default target layer and its reshape transform
+    (transformers). Which explainers it cannot run is each explainer's fact (`refusals`)."""
 
     name: str
     target_layer: str
     reshape: Reshape | None = None  # the default target layer's
-    unsupported: tuple[tuple[str, str], ...] = ()
 
-    def refusal(self, method: str) -> str | None:
-        """Why this family cannot run `method` (one line), or None when it can."""
-        for name, why in self.unsupported:
-            if name == method:
-                return (
-                    f"method={method} does not work on {self.name} models ({why}); "
-                    "use gradcam, scorecam, layercam, eigencam, ..."
-                )
-        return None
+    def refusals(self) -> dict[str, str]:
+        """Explainer name -> why this family cannot run it (one line), from the registry."""
+        from xai_exp.explain.registry import explainers
 
-    def check_method(self, method: str) -> None:
-        """One line, before any compute, for a method this family cannot run."""
-        refusal = self.refusal(method)
+        return {spec.name: why for spec in explainers() if (why := spec.refusal(self.name))}
+
+    def check_method(self, method: str, key: str = "method") -> None:
+        """One line, before any compute, for an explainer this family cannot run."""
+        from xai_exp.explain.registry import explainer
+
+        refusal = explainer(method, key).refusal(self.name, key)
         if refusal is not None:
             raise ConfigError(refusal)
 
@@ -104,11 +101,6 @@ def layer_reshape(family: Family, shape: tuple[int, ...]) -> Reshape | None:
     return default
 
 
-_TRANSFORMER_LIMITS = (
-    ("ablationcam", "it ablates convolutional channels, not tokens"),
-    ("fullgrad", "it needs the bias gradients of convolutional layers"),
-    ("shapleycam", "grad-cam's ShapleyCAM does not reshape its second-order gradients"),
-)
 FAMILY_LAYERS = {  # the README's table: family -> default target layer
     "vit": "blocks.-1.norm1",
     "swin": "layers.-1.blocks.-1.norm1",
@@ -129,10 +121,9 @@ def family_of(net: nn.Module) -> Family:
             "vit",
             FAMILY_LAYERS["vit"],
             TokensToGrid(prefix, (int(grid[0]), int(grid[1]))),
-            _TRANSFORMER_LIMITS,
         )
     if "swin" in kind and hasattr(net, "layers"):
-        return Family("swin", FAMILY_LAYERS["swin"], ChannelsFirst(), _TRANSFORMER_LIMITS)
+        return Family("swin", FAMILY_LAYERS["swin"], ChannelsFirst())
     if "convnext" in kind and hasattr(net, "stages"):
         return Family("convnext", FAMILY_LAYERS["convnext"])
     if hasattr(net, "layer4"):

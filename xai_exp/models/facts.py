@@ -108,10 +108,10 @@ class ModelFacts:
             "std": list(self.std),
         }
 
-    def check_method(self, method: str) -> None:
-        """One line, before any compute, for a CAM method this model's family cannot run."""
+    def check_method(self, method: str, key: str = "method") -> None:
+        """One line, before any compute, for an explainer this model's family cannot run."""
         if method in self.refusals:
-            raise ConfigError(self.refusals[method])
+            raise ConfigError(self.refusals[method].replace("method=", f"{key}=", 1))
 
     def cam_implementation(self, method: str, implementation: str) -> str:
         """``fast`` where xai-exp's exact fast path applies and is asked for, else ``grad-cam``."""
@@ -205,9 +205,7 @@ def facts_of(classifier: Classifier, engine: str) -> ModelFacts:
         fast_methods=tuple(
             m for m in sorted(fast_cam.FAST_METHODS) if fast_cam.supports(classifier, m)
         ),
-        refusals={m: why for m, _ in family.unsupported if (why := family.refusal(m))}
-        if family
-        else {},
+        refusals=family.refusals() if family else {},
     )
 
 

@@ -66,7 +66,10 @@ def _mean_label(result: ImageResult) -> str:
 def _title(result: ImageResult, method: str, random_weights: bool = False) -> str:
     label = _mean_label(result)
     score = f"{label} n/a" if result.iou is None else f"{label} {result.iou:.3f}"
-    head = f"{result.name}: {result.predicted_label} ({result.probability:.0%})  {method} vs LIME"
+    head = (
+        f"{result.name}: {result.predicted_label} ({result.probability:.0%})  "
+        f"{method} vs {result.reference}"
+    )
     tail = f"  {score}" + (f"  [{result.reason}]" if result.reason else "")
     return plain_text(head + tail + (RANDOM_MARK if random_weights else ""))
 
@@ -92,19 +95,26 @@ def agreement_title(result: ImageResult) -> str:
         drawn = "no masks to draw"
     else:
         drawn = f"IoU {iou(cam_mask, lime_mask):.3f}"
+    versus = f"CAM mask vs {result.reference} mask"
     if len(seeds) <= 1:
-        return (
-            "masks" if cam_mask is None or lime_mask is None else f"CAM mask vs LIME mask: {drawn}"
-        )
+        return "masks" if cam_mask is None or lime_mask is None else f"{versus}: {drawn}"
     mean = "n/a" if result.iou is None else f"{result.iou:.3f}"
     each = " / ".join("n/a" if v is None else f"{v:.3f}" for v in result.iou_per_seed)
     return (
-        f"CAM mask vs LIME mask (seed {seeds[0]} drawn): {drawn}\n"
+        f"{versus} (seed {seeds[0]} drawn): {drawn}\n"
         f"mean over seeds {', '.join(map(str, seeds))}: {mean} ({each})"
     )
 
 
-OVERLAY_ARRAYS = ("image", "cam", "segments", "lime_weights", "cam_mask", "lime_mask")
+OVERLAY_ARRAYS = (
+    "image",
+    "cam",
+    "segments",
+    "lime_weights",
+    "reference_map",
+    "cam_mask",
+    "lime_mask",
+)
 OVERLAY_FIELDS = (  # every ImageResult field `overlay_figure` draws: keep in step with it
     "name",
     "predicted_label",
@@ -116,6 +126,7 @@ OVERLAY_FIELDS = (  # every ImageResult field `overlay_figure` draws: keep in st
     "iou",
     "iou_by_seed",
     "lime_seeds",
+    "reference",
     "reason",
 )
 
@@ -150,7 +161,8 @@ def overlay_fingerprint(
 
 
 def overlay_figure(result: ImageResult, method: str, random_weights: bool = False) -> Figure:
-    """Image, CAM map, LIME weights (each with a colorbar) and where the two masks agree.
+    """Image, CAM map, the reference's weights or map (each with a colorbar) and where the
+    two masks agree.
 
     A random-init model's figure says so next to its prediction and in the title.
     """
@@ -183,9 +195,17 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
         axes[2].imshow(mark_boundaries(image, arrays["segments"], color=(1, 1, 0)))
         shown = axes[2].imshow(weights, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
         bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
-        bar.set_label("LIME weight: red for, blue against the class")
+        bar.set_label(f"{result.reference} weight: red for, blue against the class")
+    elif "reference_map" in arrays:
+        values = arrays["reference_map"]
+        limit = float(np.abs(values).max()) or 1.0
+        axes[2].imshow(image)
+        shown = axes[2].imshow(values, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
+        bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
+        bar.set_label(f"{result.reference}: red for, blue against the class")
     seed = f" (seed {result.lime_seeds[0]})" if len(result.lime_seeds) > 1 else ""
-    axes[2].set_title(f"LIME superpixel weights{seed}")
+    kind = "superpixel weights" if "segments" in arrays else "map"
+    axes[2].set_title(plain_text(f"{result.reference} {kind}{seed}"))
     cam_mask, lime_mask = arrays.get("cam_mask"), arrays.get("lime_mask")
     if cam_mask is None or lime_mask is None:
         missing = "no IoU: flagged" if result.iou is None else "no mask for this seed"
@@ -197,7 +217,8 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
         legend = [
             Patch(color=CAM_ONLY, label=f"CAM only ({(cam_mask & ~lime_mask).sum() / pixels:.0%})"),
             Patch(
-                color=LIME_ONLY, label=f"LIME only ({(lime_mask & ~cam_mask).sum() / pixels:.0%})"
+                color=LIME_ONLY,
+                label=f"{result.reference} only ({(lime_mask & ~cam_mask).sum() / pixels:.0%})",
             ),
             Patch(color=BOTH, label=f"both ({(cam_mask & lime_mask).sum() / pixels:.0%})"),
         ]
@@ -273,7 +294,8 @@ def iou_bar_chart(
     if finite or any(not math.isnan(c) for c in chances):
         axis.legend(loc="upper right")
     axis.set_ylim(0, 1.05)
-    axis.set_ylabel("IoU (CAM mask vs LIME mask)")
+    reference = results[0].reference if results else "LIME"
+    axis.set_ylabel(f"IoU (CAM mask vs {reference} mask)")
     mark = RANDOM_MARK if random_weights else ""
     axis.set_title(plain_text(f"IoU per image: {setting}{mark}"), fontsize=10)
     return figure
@@ -389,7 +411,7 @@ def iou_vs_threshold(table: pd.DataFrame, settings: Sequence[str]) -> Figure:
         above_axes.set_ylabel("(IoU - chance) / (ceiling - chance)")
         above_axes.set_title("agreement above chance (0 = chance)", fontsize="medium")
         above_axes.grid(alpha=0.3)
-    figure.suptitle("CAM vs LIME agreement")
+    figure.suptitle("CAM vs reference agreement")
     if lines:
         # below the axes: with several compared settings the labels are long
         figure.legend(loc="outside lower center", fontsize="small")

@@ -144,7 +144,7 @@ class ResultsWriter:
         self.method = method
         self.random_weights = random_weights  # a random-init model: its figures say so
         self.on_image = on_image
-        self.setting = setting or f"{method} vs LIME"
+        self.setting = setting or method
         self.plots = plots or PlotsConfig()
         self.overlays = overlays or OverlayPlan(None, 0)
         self.csv_path = out_dir / RESULTS_CSV

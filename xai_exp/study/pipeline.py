@@ -15,7 +15,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xai_exp.cache import ExplanationCache, cache_key, code_digest
-from xai_exp.config import TRUE_CLASS, ConfigError, StudyConfig, lime_seeds, target_choice
+from xai_exp.config import (
+    TRUE_CLASS,
+    ConfigError,
+    MethodConfig,
+    StudyConfig,
+    lime_seeds,
+    target_choice,
+)
 from xai_exp.data.images import ImageItem
 from xai_exp.data.labels import ClassIndex
 from xai_exp.errors import describe
@@ -29,6 +36,7 @@ from xai_exp.evaluate.masks import (
 )
 from xai_exp.evaluate.overlap import chance_corrected, iou
 from xai_exp.evaluate.results import Evidence, ImageResult, Status, computed_metrics
+from xai_exp.explain.registry import ExplainerSpec, Inputs, Output, explainer
 from xai_exp.explain.superpixels import SuperpixelWorkers, segment
 from xai_exp.models.facts import DeferredClassifier
 from xai_exp.models.threads import cpu_share
@@ -45,7 +53,6 @@ log = logging.getLogger(__name__)
 
 ALGORITHM_VERSION = 1  # bump when a change outside xai_exp's code alters what a step computes
 VIEW_VERSION = 2  # of the model's view in cache keys (2: its library's transform, exactly)
-FORWARD_ONLY = ("scorecam",)  # CAM methods whose fast path runs logits-only forward passes
 
 # The modules whose code computes each cached step: their source is part of the step's keys
 # (`cache.code_digest`), so editing them recomputes its entries and editing others does not.
@@ -67,6 +74,16 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "faithfulness": (*_NETWORK, *_FORWARD, "xai_exp.evaluate.faithfulness"),
     "sanity": (*_NETWORK, "xai_exp.evaluate.sanity", "xai_exp.evaluate.agreement"),
 }
+
+
+def _version(versions: dict[str, str], name: str) -> str:
+    """A library's version, from those logged or looked up (a plugin's own libraries)."""
+    if name not in versions:
+        try:
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001 - not installed: the explainer fails when it runs
+            versions[name] = "unknown"
+    return versions[name]
 
 
 def step_code(*steps: str) -> str:
@@ -244,7 +261,12 @@ class Study:
                 f"method.target_class={target} is out of range: the model has "
                 f"{len(facts.labels)} classes (0..{len(facts.labels) - 1})"
             )
+        self.reference = explainer(cfg.reference.name)
+        self.reference_params = self.reference.with_params(cfg.reference.params)
+        self.reference_label = "LIME" if self.reference.name == "lime" else self.reference.name
+        superpixels = self.reference.name == "lime" or self.reference.output == Output.SUPERPIXELS
         workers = superpixel_worker_count(cfg.inference.workers, facts.device.split(":")[0])
+        workers = workers if superpixels else 0
         segmentation = cfg.lime.segmentation
         self.workers = (
             SuperpixelWorkers(workers, segmentation.algorithm, segmentation.params)
@@ -318,10 +340,16 @@ class Study:
             **view,
         }
 
-    def _cam_map(self, classifier: Classifier, view: np.ndarray, target: int) -> np.ndarray:
+    def _cam_map(
+        self,
+        classifier: Classifier,
+        view: np.ndarray,
+        target: int,
+        method: MethodConfig | None = None,
+    ) -> np.ndarray:
         from xai_exp.explain.cam import compute_cam
 
-        method = self.cfg.method
+        method = method or self.cfg.method
         return compute_cam(
             classifier,
             classifier.input_tensor(view),
@@ -353,11 +381,14 @@ class Study:
         )
         return step.arrays["probabilities"]
 
-    def cam(self, item: ImageItem, view: np.ndarray, target: int) -> Step:
-        """CAM map (``arrays["cam"]``) for the image's view and target class."""
-        method = self.cfg.method
+    def cam(
+        self, item: ImageItem, view: np.ndarray, target: int, method: MethodConfig | None = None
+    ) -> Step:
+        """CAM map (``arrays["cam"]``) for the image's view and target class: `method`'s, by
+        default the study's (a CAM as the reference has the same entries as the CAM itself)."""
+        method = method or self.cfg.method
         fast = self.facts.cam_implementation(method.name, method.implementation) == "fast"
-        forward_only = method.name in FORWARD_ONLY and method.implementation == "fast"
+        forward_only = explainer(method.name, "method").forward_only and fast
         key = cache_key(
             **self._base_key(item),
             kind="cam",
@@ -380,9 +411,66 @@ class Study:
         return self._cached(
             "cam",
             key,
-            lambda: {"cam": self._cam_map(self.classifier, view, target)},
+            lambda: {"cam": self._cam_map(self.classifier, view, target, method)},
             {"cam": Expect(view.shape[:2])},
         )
+
+    def explained(
+        self,
+        item: ImageItem,
+        view: np.ndarray,
+        target: int,
+        spec: ExplainerSpec,
+        params: Mapping[str, Any],
+        segments: Step | None = None,
+    ) -> Step:
+        """A registered explainer's output for the image (``arrays["map"]``: HxW, or
+        ``arrays["weights"]``: one per superpixel of `segments`), cached under its name, its
+        params, its libraries' versions and its code."""
+        reference = self.cfg.reference
+        seed = reference.seed
+        key = cache_key(
+            **self._base_key(item),
+            kind="explainer",
+            explainer=spec.name,
+            params=dict(sorted(params.items())),
+            model=self.facts.identity,
+            target=target,
+            seed=seed,
+            precision=self.precision,
+            **(
+                {"segments": segments.key, "hide_color": self.cfg.lime.hide_color}
+                if segments
+                else {}
+            ),
+            versions=[_version(self.versions, name) for name in spec.libraries],
+            code=code_digest(spec.code),
+            **self._engine_key(spec.forward_only),
+        )
+        assert spec.compute is not None
+        compute = spec.compute
+
+        def run() -> dict[str, np.ndarray]:
+            inputs = Inputs(
+                classifier=self.classifier,
+                view=view,
+                target=target,
+                params=params,
+                seed=seed,
+                batch_size=reference.batch_size,
+                precision=self.precision,
+                segments=None if segments is None else segments.arrays["segments"],
+                hide_color=self.cfg.lime.hide_color,
+            )
+            values = np.asarray(compute(inputs), dtype=np.float32)
+            return {"weights" if segments is not None else "map": values}
+
+        if segments is not None:
+            count = int(segments.arrays["segments"].max()) + 1
+            expected = {"weights": Expect((count,))}
+        else:
+            expected = {"map": Expect(view.shape[:2])}
+        return self._cached("explainer", key, run, expected)
 
     def _segments_key(self, item: ImageItem) -> str:
         seg = self.cfg.lime.segmentation
@@ -631,7 +719,9 @@ class Study:
                 self.workers.forget(self._segments_key(item))
 
     def _explain(self, item: ImageItem) -> ImageResult:
-        result = ImageResult(name=item.name, artifact_stem=item.artifact_stem)
+        result = ImageResult(
+            name=item.name, artifact_stem=item.artifact_stem, reference=self.reference_label
+        )
         view = self.facts.view(item.image)
         result.arrays["image"] = view
         probabilities = self.prediction(item, view)
@@ -656,27 +746,13 @@ class Study:
         result.target_label = self.facts.label(target)
 
         cam_step = self.cam(item, view, target)
-        segment_step = self.segments(item, view)
-        seeds = lime_seeds(self.cfg.lime)
-        result.lime_seeds = tuple(seeds)  # the first seed's weights and mask are drawn and
-        lime_step = self.lime(item, view, segment_step, target, seeds[0])  # feed the metrics
         cam = cam_step.arrays["cam"]
-        segments = segment_step.arrays["segments"]
-        weights = lime_step.arrays["weights"]
         result.values["cam_seconds"] = cam_step.seconds
-        result.values["segmentation_seconds"] = segment_step.seconds
-        # LIME's cost includes its superpixels, as lime_image computes them itself.
-        result.values["lime_seconds"] = lime_step.seconds + segment_step.seconds
         result.cam_reused = cam_step.reused
-        result.segmentation_reused = segment_step.reused
-        result.lime_reused = lime_step.reused
-        result.n_superpixels = int(segments.max()) + 1
-        result.arrays.update(cam=cam, segments=segments, lime_weights=weights)
-        result.cache_keys = {
-            "cam": cam_step.key,
-            "segments": segment_step.key,
-            "lime": lime_step.key,
-        }
+        result.arrays["cam"] = cam
+        result.cache_keys = {"cam": cam_step.key}
+        seeds = lime_seeds(self.cfg.lime) if self.reference.name == "lime" else []
+        reference = self._reference(item, view, target, seeds, result)
 
         reasons = []
         cam_mask = lime_mask = None
@@ -696,7 +772,7 @@ class Study:
         except DegenerateMapError as error:
             reasons.append(str(error))
         try:
-            lime_mask = self._lime_mask(segments, weights, cam_mask)
+            lime_mask = self._reference_mask(reference, cam_mask)
             if lime_mask is not None:
                 result.arrays["lime_mask"] = lime_mask
                 result.lime_mask_fraction = float(lime_mask.mean())
@@ -706,14 +782,17 @@ class Study:
             result.values.update(chance_corrected(cam_mask, lime_mask))
         else:
             result.status = Status.FLAGGED
-        if len(seeds) > 1:
-            self._seed_spread(result, item, view, segment_step, target, seeds, cam_mask, lime_mask)
+        if len(seeds) > 1 and reference.segments is not None:
+            self._seed_spread(
+                result, item, view, reference.segments, target, seeds, cam_mask, lime_mask
+            )
         if cam_mask is not None:  # a usable CAM map: the metrics beyond IoU apply
             evidence = Evidence(
                 view=view,
                 cam=cam,
-                segments=segments,
-                weights=weights,
+                segments=reference.superpixels,
+                weights=reference.weights,
+                reference_map=reference.map,
                 cam_mask=cam_mask,
                 lime_mask=lime_mask,
                 target=target,
@@ -721,7 +800,7 @@ class Study:
                 if item.object_mask is None
                 else self.facts.view_mask(item.object_mask),
                 faithfulness_of=lambda source, saliency: self.faithfulness(
-                    view, saliency, (cam_step if source == "cam" else lime_step).key, target
+                    view, saliency, (cam_step if source == "cam" else reference.step).key, target
                 ),
                 sanity_of=lambda: self.sanity(view, target, cam_step.key),
             )
@@ -735,6 +814,77 @@ class Study:
                 result.arrays["faithfulness"] = curves
         result.reason = "; ".join(reasons)
         return result
+
+    # -- the reference explainer ------------------------------------------------------------------
+    def _reference(
+        self, item: ImageItem, view: np.ndarray, target: int, seeds: list[int], result: ImageResult
+    ) -> Reference:
+        """The reference explainer's output for the image, its timings and cache keys recorded
+        in `result`: LIME (its first seed), a CAM method, or a registered explainer."""
+        spec = self.reference
+        if spec.name == "lime" or spec.output == Output.SUPERPIXELS:
+            segment_step = self.segments(item, view)
+            if spec.name == "lime":
+                result.lime_seeds = tuple(seeds)  # the first seed's weights and mask are drawn
+                step = self.lime(item, view, segment_step, target, seeds[0])  # and feed metrics
+            else:
+                step = self.explained(item, view, target, spec, self.reference_params, segment_step)
+            segments = segment_step.arrays["segments"]
+            weights = step.arrays["weights"]
+            result.values["segmentation_seconds"] = segment_step.seconds
+            # the reference's cost includes its superpixels (lime_image computes them itself)
+            result.values["lime_seconds"] = step.seconds + segment_step.seconds
+            result.segmentation_reused = segment_step.reused
+            result.lime_reused = step.reused
+            result.n_superpixels = int(segments.max()) + 1
+            result.arrays.update(segments=segments, lime_weights=weights)
+            result.cache_keys.update(segments=segment_step.key, lime=step.key)
+            return Reference(step, segment_step, segments, weights, None)
+        if spec.compute is None:  # a grad-cam method as the reference
+            method = MethodConfig(
+                name=spec.name,
+                batch_size=self.cfg.reference.batch_size,
+                implementation=self.cfg.reference.implementation,
+            )
+            step = self.cam(item, view, target, method)
+            values = step.arrays["cam"]
+        else:
+            step = self.explained(item, view, target, spec, self.reference_params)
+            values = step.arrays["map"]
+        result.values["lime_seconds"] = step.seconds
+        result.lime_reused = step.reused
+        result.arrays["reference_map"] = values
+        result.cache_keys["lime"] = step.key
+        return Reference(step, None, None, None, values)
+
+    def _reference_mask(
+        self, reference: Reference, cam_mask: np.ndarray | None
+    ) -> np.ndarray | None:
+        """The reference's mask: LIME's rule for superpixel weights (top `lime.num_features`,
+        or area-matched), else the top `threshold.cam_top_fraction` of its pixels (area-matched:
+        the CAM mask's share). None: area-matched without a CAM mask."""
+        if reference.weights is not None and reference.superpixels is not None:
+            return self._lime_mask(reference.superpixels, reference.weights, cam_mask)
+        values = reference.map
+        assert values is not None
+        check_map(values, f"{self.reference.name} map")
+        if self.cfg.threshold.lime_mode == "area_matched":
+            if cam_mask is None:
+                return None
+            return cam_top_fraction_mask(values, max(float(cam_mask.mean()), 1 / values.size))
+        return cam_top_fraction_mask(values, self.cfg.threshold.cam_top_fraction)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One image's reference explanation: its step, and either superpixels with weights or a
+    pixel map."""
+
+    step: Step
+    segments: Step | None
+    superpixels: np.ndarray | None
+    weights: np.ndarray | None
+    map: np.ndarray | None
 
 
 def _ahead(
