@@ -22,9 +22,10 @@ PINNED = Path(__file__).parent / "pinned"
 pytestmark = pytest.mark.slow
 
 
-def run(tmp_path: Path, *args: str) -> None:
+def run(tmp_path: Path, *args: str, multirun: bool = False) -> None:
     environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    command = [sys.executable, str(RUN_PY), "tracking=none", f"cache.dir={tmp_path}/cache"]
+    command = [sys.executable, str(RUN_PY), *(["-m"] if multirun else [])]
+    command += ["tracking=none", f"cache.dir={tmp_path}/cache"]
     done = subprocess.run(
         [*command, "lime.num_samples=100", "progress=false", *args],
         cwd=tmp_path,
@@ -59,11 +60,11 @@ def test_the_seed_study_gives_the_pinned_per_image_iou(tmp_path):
     pinned = pinned[pinned.image.isin(["astronaut", "chelsea"])]  # two of the three images
     run(
         tmp_path,
-        "-m",
         "experiment=seed_study",
         "model.weights=null",
         "data.limit=2",
         "hydra.sweep.dir=sweep",
+        multirun=True,
     )
     for job, method in enumerate(["gradcam", "scorecam", "ablationcam"]):
         found = pd.read_csv(tmp_path / "sweep" / str(job) / "results.csv")

@@ -36,7 +36,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from xai_exp.cache import CACHE_DIR_TAG, ExplanationCache
-from xai_exp.compare.method_agreement import MATRIX_COLUMNS, MapSource, agreement_matrix
+from xai_exp.compare.method_agreement import (
+    MATRIX_COLUMNS,
+    ExplainerMaps,
+    MapSource,
+    agreement_matrix,
+    explainer_label,
+)
 from xai_exp.compare.report import (
     GalleryItem,
     gallery_rows,
@@ -794,33 +800,41 @@ def _run_keys(client: MlflowClient, run: Run, workdir: Path) -> dict[str, dict[s
 
 
 def method_agreement(client: MlflowClient, comparison: Comparison, workdir: Path) -> pd.DataFrame:
-    """For settings that differ only in the method: every method pair's (LIME included) mean
-    top-f IoU and Spearman on their shared images, from the runs' cached maps
-    (`method_agreement.agreement_matrix`). `others` names the shared settings."""
+    """For settings that differ only in the CAM method or the reference: every pair of the
+    explainers they ran (CAMs, LIME, KernelSHAP, RISE, ...), mean top-f IoU and Spearman on
+    their shared images, from the runs' cached maps (`method_agreement.agreement_matrix`).
+    `others` names the shared settings."""
+    explainers = ("method", "reference")
     groups = [(shown, rows) for shown, rows in setting_groups(comparison) if "method" in shown]
     clusters: dict[str, list[tuple[dict[str, Any], pd.DataFrame]]] = {}
     for shown, rows in groups:
-        others = {k: v for k, v in shown.items() if k != "method"}
+        others = {k: v for k, v in shown.items() if k not in explainers}
         clusters.setdefault(settings_text(others), []).append((shown, rows))
     runs = {run.info.run_id: run for run in comparison.runs}
     keys: dict[str, dict[str, dict[str, str]]] = {}
     caches: dict[str, ExplanationCache] = {}
     tables = []
     for label, members in clusters.items():
-        if len(members) < 2:
-            continue
-        sources: dict[str, dict[str, MapSource]] = {}
-        for shown, rows in members:
+        cams: dict[str, ExplainerMaps] = {}
+        references: dict[str, ExplainerMaps] = {}
+        for _shown, rows in members:
             found: dict[str, MapSource] = {}
+            reference = "lime"
             for run_id, image in zip(rows["run_id"], rows["image"], strict=True):
                 if run_id not in keys:
                     keys[run_id] = _run_keys(client, runs[run_id], workdir)
+                reference = runs[run_id].data.params.get("reference.name", "lime")
                 folder = runs[run_id].data.tags.get(CACHE_DIR_TAG)
                 if folder is None or image not in keys[run_id]:
                     continue
                 cache = caches.setdefault(folder, ExplanationCache(folder))
                 found[image] = MapSource(cache, keys[run_id][image])
-            sources[str(shown["method"])] = found
+            cams.setdefault(rows_method(rows, runs), ExplainerMaps(found, "cam"))
+            references.setdefault(explainer_label(reference), ExplainerMaps(found, "reference"))
+        sources = {name: cams[name] for name in sorted(cams)}  # CAMs first, then references
+        sources.update({k: references[k] for k in sorted(references) if k not in sources})
+        if len(sources) < 3:  # one CAM and one reference: the table's own IoU says it
+            continue
         fraction = float(members[0][0].get("cam_top_fraction", 0.1))
         table = agreement_matrix(sources, fraction)
         tables.append(table.assign(others=label, cam_top_fraction=fraction))
@@ -828,6 +842,12 @@ def method_agreement(client: MlflowClient, comparison: Comparison, workdir: Path
         return pd.DataFrame(columns=["others", "cam_top_fraction", *MATRIX_COLUMNS])
     found_all = pd.concat(tables, ignore_index=True)
     return found_all[["others", "cam_top_fraction", *MATRIX_COLUMNS]]
+
+
+def rows_method(rows: pd.DataFrame, runs: Mapping[str, Run]) -> str:
+    """The CAM method of a setting's runs."""
+    run = runs[str(rows["run_id"].iloc[0])]
+    return run.data.params.get("method.name") or run.data.tags.get("method") or "unknown"
 
 
 def write_outputs(

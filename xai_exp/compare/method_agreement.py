@@ -1,9 +1,10 @@
-"""Method x method agreement on shared images, read from the explanation cache.
+"""Explainer x explainer agreement on shared images, read from the explanation cache.
 
-A sweep over methods explains the same images with each CAM method and with LIME. Their maps
-are in the cache already, so every pair is compared without recomputing anything: the mean IoU
-of the two maps' top-f masks (f: the runs' `cam_top_fraction`, `masks.cam_top_fraction_mask` for
-both, LIME as its per-pixel weight map) and the mean Spearman rank correlation of the maps.
+A sweep over methods or references explains the same images with each CAM method and each
+reference (LIME, KernelSHAP, RISE, ...). Their maps are in the cache already, so every pair is
+compared without recomputing anything: the mean IoU of the two maps' top-f masks (f: the runs'
+`cam_top_fraction`, `masks.cam_top_fraction_mask` for both, superpixel weights painted on their
+pixels) and the mean Spearman rank correlation of the maps.
 No MLflow here: `compare` finds the runs, their cache folder and their keys.
 """
 
@@ -23,6 +24,19 @@ from xai_exp.evaluate.overlap import iou
 
 LIME = "LIME"
 MATRIX_COLUMNS = ("a", "b", "images", "mean_top_f_iou", "mean_spearman")
+# where a run's reference explanation is (explanation_keys.csv's `lime` column): LIME's weights,
+# a registered explainer's weights or map, or a CAM's map
+_REFERENCE_KINDS = (
+    ("lime", "weights"),
+    ("explainer", "weights"),
+    ("explainer", "map"),
+    ("cam", "cam"),
+)
+
+
+def explainer_label(name: str) -> str:
+    """The name an explainer has in the matrix (LIME as the reports write it)."""
+    return LIME if name == "lime" else name
 
 
 @dataclass(frozen=True)
@@ -30,20 +44,41 @@ class MapSource:
     """Where one image's maps of one run are: the run's cache and the image's keys."""
 
     cache: ExplanationCache
-    keys: Mapping[str, str]  # cam, segments, lime
+    keys: Mapping[str, str]  # cam, segments, lime (the reference's)
 
     def cam(self) -> np.ndarray | None:
         """The CAM map, or None when the cache no longer has it."""
         entry = self.cache.load("cam", self.keys.get("cam", ""))
         return None if entry is None else entry.arrays.get("cam")
 
-    def lime(self) -> np.ndarray | None:
-        """LIME's per-pixel weight map, or None when the cache no longer has it."""
-        segments = self.cache.load("segments", self.keys.get("segments", ""))
-        weights = self.cache.load("lime", self.keys.get("lime", ""))
-        if segments is None or weights is None:
-            return None
-        return lime_weight_map(segments.arrays["segments"], weights.arrays["weights"])
+    def reference(self) -> np.ndarray | None:
+        """The reference's per-pixel map (superpixel weights painted on their pixels), or None
+        when the cache no longer has it."""
+        key = self.keys.get("lime", "")
+        for kind, name in _REFERENCE_KINDS:
+            entry = self.cache.load(kind, key) if key else None
+            if entry is None or name not in entry.arrays:
+                continue
+            if name != "weights":
+                return entry.arrays[name]
+            segments = self.cache.load("segments", self.keys.get("segments", ""))
+            if segments is None:
+                return None
+            return lime_weight_map(segments.arrays["segments"], entry.arrays[name])
+        return None
+
+
+@dataclass(frozen=True)
+class ExplainerMaps:
+    """One explainer's maps in a sweep: per image where a run of it keeps them, and which
+    part of that run's keys (its CAM or its reference)."""
+
+    images: Mapping[str, MapSource]
+    part: str  # "cam" or "reference"
+
+    def load(self, image: str) -> np.ndarray | None:
+        source = self.images[image]
+        return source.cam() if self.part == "cam" else source.reference()
 
 
 def _pair(first: np.ndarray, second: np.ndarray, fraction: float) -> tuple[float, float] | None:
@@ -54,27 +89,21 @@ def _pair(first: np.ndarray, second: np.ndarray, fraction: float) -> tuple[float
         return None
 
 
-def agreement_matrix(
-    sources: Mapping[str, Mapping[str, MapSource]], fraction: float
-) -> pd.DataFrame:
-    """Every pair of methods (and LIME) on the images all methods have: mean top-f IoU and
-    mean Spearman. `sources` maps each method to its images' `MapSource`; LIME's maps come from
-    the first method's runs (LIME does not depend on the CAM method). Images whose map is
+def agreement_matrix(sources: Mapping[str, ExplainerMaps], fraction: float) -> pd.DataFrame:
+    """Every pair of explainers on the images all of them have: mean top-f IoU and mean
+    Spearman. `sources` maps each explainer's name to where its maps are. Images whose map is
     missing from the cache or degenerate are left out of that pair (`images` counts the rest).
     """
-    methods = sorted(sources)
-    shared = sorted(set.intersection(*(set(found) for found in sources.values())))
-    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in [*methods, LIME]}
+    names = list(sources)
+    shared = sorted(set.intersection(*(set(found.images) for found in sources.values())))
+    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
     for image in shared:
-        for method in methods:
-            found = sources[method][image].cam()
+        for name in names:
+            found = sources[name].load(image)
             if found is not None:
-                maps[method][image] = np.asarray(found, dtype=np.float64)
-        lime = sources[methods[0]][image].lime()
-        if lime is not None:
-            maps[LIME][image] = np.asarray(lime, dtype=np.float64)
+                maps[name][image] = np.asarray(found, dtype=np.float64)
     rows = []
-    for first, second in itertools.combinations([*methods, LIME], 2):
+    for first, second in itertools.combinations(names, 2):
         pairs = [
             pair
             for image in shared
