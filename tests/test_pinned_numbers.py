@@ -49,20 +49,19 @@ def assert_same(found: pd.DataFrame, pinned: pd.DataFrame) -> None:
 
 
 def test_the_default_run_gives_the_pinned_per_image_iou(tmp_path):
-    run(tmp_path, "hydra.run.dir=out")
-    assert_same(
-        pd.read_csv(tmp_path / "out" / "results.csv"), pd.read_csv(PINNED / "default_run.csv")
-    )
+    run(tmp_path, "hydra.run.dir=out", "data.limit=3")  # the first three of the six pinned
+    pinned = pd.read_csv(PINNED / "default_run.csv").head(3)
+    assert_same(pd.read_csv(tmp_path / "out" / "results.csv"), pinned)
 
 
 def test_the_seed_study_gives_the_pinned_per_image_iou(tmp_path):
     pinned = pd.read_csv(PINNED / "seed_study.csv")
-    pinned = pinned[pinned.image.isin(["astronaut", "chelsea"])]  # two of the three images
+    pinned = pinned[pinned.image == "astronaut"]  # the first of the three pinned images
     run(
         tmp_path,
         "experiment=seed_study",
         "model.weights=null",
-        "data.limit=2",
+        "data.limit=1",
         "hydra.sweep.dir=sweep",
         multirun=True,
     )
