@@ -116,7 +116,7 @@ class FakeImage:
     iou: float | None
     status: str = "ok"
     cam_seconds: float = 0.1
-    lime_seconds: float = 0.2
+    reference_seconds: float = 0.2
     stem: str | None = None  # artifact stem; defaults to the name
     values: Mapping[str, float] = field(default_factory=dict)  # more results.csv metrics
 
@@ -175,7 +175,9 @@ def log_study_run(
             metrics.append(Metric("per_image/iou", image.iou, stamp, step))
         if image.status != "error":
             metrics.append(Metric("per_image/cam_seconds", image.cam_seconds, stamp, step))
-            metrics.append(Metric("per_image/lime_seconds", image.lime_seconds, stamp, step))
+            metrics.append(
+                Metric("per_image/reference_seconds", image.reference_seconds, stamp, step)
+            )
     ious = [i.iou for i in images if i.iou is not None]
     summary = {
         "n_images": len(images),
@@ -212,7 +214,9 @@ def log_study_run(
                         "status": image.status,
                         "iou": "" if image.iou is None else image.iou,
                         "cam_seconds": "" if image.status == "error" else image.cam_seconds,
-                        "lime_seconds": "" if image.status == "error" else image.lime_seconds,
+                        "reference_seconds": ""
+                        if image.status == "error"
+                        else image.reference_seconds,
                         **image.values,
                     }
                 )

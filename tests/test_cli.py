@@ -61,7 +61,7 @@ def test_run_logs_params_metrics_and_artifacts(tmp_path):
     assert {
         "median_iou",
         "mean_cam_seconds",
-        "mean_lime_seconds",
+        "mean_reference_seconds",
         "mean_segmentation_seconds",
     } <= set(metrics)
     assert metrics["explanations_computed"] == 6

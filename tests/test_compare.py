@@ -58,22 +58,22 @@ def test_a_rerun_replaces_and_failed_runs_stay_apart(tracking_store, make_study_
     client, exp = store.client, store.experiment_id
     make_study_run(
         client, exp,
-        [FakeImage("a", 0.1, cam_seconds=1.0, lime_seconds=2.0),
-         FakeImage("b", 0.2, cam_seconds=3.0, lime_seconds=4.0),
-         FakeImage("c", 0.3, cam_seconds=5.0, lime_seconds=6.0)],
+        [FakeImage("a", 0.1, cam_seconds=1.0, reference_seconds=2.0),
+         FakeImage("b", 0.2, cam_seconds=3.0, reference_seconds=4.0),
+         FakeImage("c", 0.3, cam_seconds=5.0, reference_seconds=6.0)],
         run_name="rerun-1",
     )  # fmt: skip
     make_study_run(
         client, exp,
-        [FakeImage("a", 0.5, cam_seconds=7.0, lime_seconds=8.0),
-         FakeImage("b", None, status="flagged", cam_seconds=9.0, lime_seconds=10.0),
+        [FakeImage("a", 0.5, cam_seconds=7.0, reference_seconds=8.0),
+         FakeImage("b", None, status="flagged", cam_seconds=9.0, reference_seconds=10.0),
          FakeImage("c", None, status="error")],
         run_name="rerun-2", status="FAILED",
     )  # fmt: skip
     make_study_run(
         client, exp,
-        [FakeImage("a", 0.15, cam_seconds=7.0, lime_seconds=8.0),
-         FakeImage("b", 0.25, cam_seconds=9.0, lime_seconds=10.0)],
+        [FakeImage("a", 0.15, cam_seconds=7.0, reference_seconds=8.0),
+         FakeImage("b", 0.25, cam_seconds=9.0, reference_seconds=10.0)],
         run_name="rerun-3",
     )  # fmt: skip
     make_study_run(client, exp, [FakeImage("a", 0.4), FakeImage("b", 0.6)], cam_top_fraction=0.2)
@@ -102,7 +102,7 @@ def test_a_rerun_replaces_and_failed_runs_stay_apart(tracking_store, make_study_
     assert pooled["std_iou"] == pytest.approx(np.std(ious, ddof=0))
     assert (pooled["min_iou"], pooled["max_iou"]) == pytest.approx((0.15, 0.3))
     assert pooled["mean_cam_seconds"] == pytest.approx(np.mean([7, 9, 5]))
-    assert pooled["mean_lime_seconds"] == pytest.approx(np.mean([8, 10, 6]))
+    assert pooled["mean_reference_seconds"] == pytest.approx(np.mean([8, 10, 6]))
     assert (pooled["n_ok"], pooled["n_flagged"], pooled["n_error"]) == (3, 0, 0)
 
     wider = _row(table, method="gradcam", cam_top_fraction=0.2)

@@ -108,5 +108,7 @@ def test_ground_truth_metrics_in_a_study_and_images_without_annotation(tmp_path)
     assert float(whole["cam_relevance_mass"]) == pytest.approx(1.0)
     assert float(whole["cam_energy_pointing_game"]) == pytest.approx(1.0)
     assert whole["cam_pointing_game"] == "True"
-    assert float(whole["lime_object_iou"]) == pytest.approx(float(whole["lime_mask_fraction"]))
-    assert all(rows["b.png"][k] == "" for k in ("cam_object_iou", "lime_relevance_mass"))
+    assert float(whole["reference_object_iou"]) == pytest.approx(
+        float(whole["reference_mask_fraction"])
+    )
+    assert all(rows["b.png"][k] == "" for k in ("cam_object_iou", "reference_relevance_mass"))

@@ -45,7 +45,7 @@ def test_threshold_change_reuses_every_explanation(tmp_path):
     second = Study(config(0.3), classifier, cache)
     again = run_study(second, IMAGES, progress=False)
     assert (second.computed, second.reused) == (0, 6)
-    assert all(r.cam_reused and r.lime_reused and r.segmentation_reused for r in again)
+    assert all(r.cam_reused and r.reference_reused and r.segmentation_reused for r in again)
     # reused runtimes are the ones measured when computed
     assert [r.values["cam_seconds"] for r in again] == [r.values["cam_seconds"] for r in results]
     assert all(
@@ -60,7 +60,7 @@ def test_sample_count_recomputes_lime_but_not_superpixels(tmp_path):
     study = Study(config(), classifier, cache)
     study.cfg.lime.num_samples = 60
     [result] = run_study(study, IMAGES[:1], progress=False)
-    assert (result.cam_reused, result.segmentation_reused, result.lime_reused) == (
+    assert (result.cam_reused, result.segmentation_reused, result.reference_reused) == (
         True,
         True,
         False,
@@ -142,7 +142,7 @@ def test_metrics_beyond_iou_are_computed_once_and_reused_across_thresholds(tmp_p
     cfg.metrics.faithfulness = cfg.metrics.sanity = True
     cfg.metrics.steps, cfg.metrics.sanity_layers = 5, 2
     [first] = run_study(Study(cfg, classifier, cache), IMAGES[1:], progress=False)
-    for name in ("iou_auc", "spearman", "cam_deletion_auc", "lime_insertion_auc"):
+    for name in ("iou_auc", "spearman", "cam_deletion_auc", "reference_insertion_auc"):
         assert 0 <= abs(first.values[name]) <= 1, name
     assert first.values["pointing_game"] in (0.0, 1.0)
     assert first.values["randomisation_passed"] == (abs(first.values["randomisation_rho"]) < 0.5)
@@ -227,7 +227,7 @@ def test_editing_a_step_s_code_recomputes_its_entries_and_no_other_s(tmp_path, m
 
     def run() -> tuple:
         [result] = run_study(Study(config(), classifier, cache), IMAGES[:1], progress=False)
-        reused = (result.cam_reused, result.segmentation_reused, result.lime_reused)
+        reused = (result.cam_reused, result.segmentation_reused, result.reference_reused)
         return reused, result.iou
 
     classifier = tiny_classifier()

@@ -166,7 +166,7 @@ def test_a_plugin_module_registers_an_explainer_the_study_runs_and_caches(tmp_pa
         assert centre[16, 16]
         assert not centre[0, 0]
         assert result.iou == pytest.approx(iou(result.arrays["cam_mask"], centre))
-        assert result.lime_mask_fraction == pytest.approx(0.2, abs=0.02)
+        assert result.reference_mask_fraction == pytest.approx(0.2, abs=0.02)
     again = Study(config("centre_prior", scale=2.0), classifier, cache)
     run_study(again, IMAGES, progress=False)
     assert (again.computed, again.reused) == (0, 4)

@@ -68,9 +68,9 @@ def test_a_metric_added_in_one_place_reaches_every_output(
         rows = list(csv.DictReader(file))
     assert len(rows) == 2
     for row in rows:
-        assert float(row["lime_mask_share"]) == pytest.approx(float(row["lime_mask_fraction"]))
+        assert float(row["lime_mask_share"]) == pytest.approx(float(row["reference_mask_fraction"]))
         assert row["iou_auc"] == ""  # metrics=iou: the agreement metrics are switched off
-    expected = [float(row["lime_mask_fraction"]) for row in rows]
+    expected = [float(row["reference_mask_fraction"]) for row in rows]
 
     # run metrics (each registered statistic) and the per-image series
     client = tracking_store.client

@@ -78,12 +78,18 @@ def test_one_seed_titles_its_one_iou(seeded):
 
 def test_lime_derived_metrics_use_and_name_the_first_seed(seeded):
     alone, several = seeded
-    for name in ("spearman", "iou_auc", "pointing_game", "lime_object_iou", "lime_deletion_auc"):
+    for name in (
+        "spearman",
+        "iou_auc",
+        "pointing_game",
+        "reference_object_iou",
+        "reference_deletion_auc",
+    ):
         assert "first of lime.seeds" in METRICS[name].description, name
     for name in ("iou", "iou_chance", "iou_ceiling", "iou_corrected"):
         assert "mean over seeds" in METRICS[name].description, name
     assert several.values["spearman"] == alone.values["spearman"]  # computed from seed 0
-    assert several.lime_mask_fraction == alone.lime_mask_fraction
+    assert several.reference_mask_fraction == alone.reference_mask_fraction
     assert np.array_equal(several.arrays["lime_weights"], alone.arrays["lime_weights"])
 
 

@@ -53,7 +53,14 @@ from xai_exp.compare.report import (
 from xai_exp.config import keys_without_results
 from xai_exp.data.images import SUPPORTED_EXTENSIONS, safe_artifact_stem
 from xai_exp.errors import describe
-from xai_exp.evaluate.results import METRICS, MetricSpec, Stat, Status, interval_names
+from xai_exp.evaluate.results import (
+    FORMER_NAMES,
+    METRICS,
+    MetricSpec,
+    Stat,
+    Status,
+    interval_names,
+)
 from xai_exp.evaluate.statistics import (
     MIN_INTERVAL_IMAGES,
     SIGNIFICANCE,
@@ -336,9 +343,15 @@ def _images_from_csv(path: Path) -> pd.DataFrame:
             "artifact_stem": _column(frame, "artifact_stem", "").astype(str),
             "status": _column(frame, "status", "").astype(str).replace("", Status.OK.value),
             "source": "results.csv",
-            **{name: _numeric(_column(frame, name, "")) for name in METRICS},
+            **{name: _numeric(_column(frame, _stored(frame, name), "")) for name in METRICS},
         }
     )
+
+
+def _stored(frame: pd.DataFrame, name: str) -> str:
+    """The column a metric has in a results.csv: its name, or its name before #20."""
+    old = FORMER_NAMES.get(name)
+    return old if name not in frame and old is not None and old in frame else name
 
 
 def _images_from_history(client: MlflowClient, run: Run) -> pd.DataFrame:
@@ -353,6 +366,9 @@ def _images_from_history(client: MlflowClient, run: Run) -> pd.DataFrame:
     def history(spec: MetricSpec) -> dict[int, float]:
         found = client.get_metric_history(run_id, spec.image_metric)
         found = found or client.get_metric_history(run_id, f"image_{spec.name}")  # before 0.2
+        old = FORMER_NAMES.get(spec.name)
+        if not found and old is not None:  # logged before #20
+            found = client.get_metric_history(run_id, spec.image_metric.replace(spec.name, old))
         return {m.step: m.value for m in found}
 
     series = {name: history(spec) for name, spec in METRICS.items()}
@@ -795,7 +811,9 @@ def _run_keys(client: MlflowClient, run: Run, workdir: Path) -> dict[str, dict[s
     except (MlflowException, OSError):
         return {}
     frame = pd.read_csv(local, dtype=str, keep_default_na=False).map(plain_cell)
-    return {row["image"]: {k: row[k] for k in ("cam", "segments", "lime")} for _, row in
+    if "lime" in frame and "reference" not in frame:  # written before #20
+        frame = frame.rename(columns={"lime": "reference"})
+    return {row["image"]: {k: row[k] for k in ("cam", "segments", "reference")} for _, row in
             frame.iterrows()}  # fmt: skip
 
 

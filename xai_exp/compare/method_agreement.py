@@ -24,8 +24,8 @@ from xai_exp.evaluate.overlap import iou
 
 LIME = "LIME"
 MATRIX_COLUMNS = ("a", "b", "images", "mean_top_f_iou", "mean_spearman")
-# where a run's reference explanation is (explanation_keys.csv's `lime` column): LIME's weights,
-# a registered explainer's weights or map, or a CAM's map
+# where a run's reference explanation is (explanation_keys.csv's `reference` column): LIME's
+# weights, a registered explainer's weights or map, or a CAM's map
 _REFERENCE_KINDS = (
     ("lime", "weights"),
     ("explainer", "weights"),
@@ -44,7 +44,7 @@ class MapSource:
     """Where one image's maps of one run are: the run's cache and the image's keys."""
 
     cache: ExplanationCache
-    keys: Mapping[str, str]  # cam, segments, lime (the reference's)
+    keys: Mapping[str, str]  # cam, segments, reference
 
     def cam(self) -> np.ndarray | None:
         """The CAM map, or None when the cache no longer has it."""
@@ -54,7 +54,7 @@ class MapSource:
     def reference(self) -> np.ndarray | None:
         """The reference's per-pixel map (superpixel weights painted on their pixels), or None
         when the cache no longer has it."""
-        key = self.keys.get("lime", "")
+        key = self.keys.get("reference", "")
         for kind, name in _REFERENCE_KINDS:
             entry = self.cache.load(kind, key) if key else None
             if entry is None or name not in entry.arrays:

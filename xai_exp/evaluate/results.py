@@ -121,7 +121,7 @@ class Evidence:
         return self.shared("agreement", lambda: agreement(self.cam, self.lime_map, lime_mask))
 
     def curves(self, source: str) -> FaithfulnessCurves | None:
-        """Deletion/insertion curves of the CAM map (`cam`) or LIME's weight map (`lime`)."""
+        """Deletion/insertion curves of the CAM map (`cam`) or the reference's map."""
         saliency = self.cam if source == "cam" else self.lime_map
         return self.shared(f"{source} faithfulness", lambda: self.faithfulness_of(source, saliency))
 
@@ -229,7 +229,8 @@ def _curve_auc(source: str, kind: str) -> Callable[[Evidence], Value]:
 
 
 def _ground_truth(source: str, kind: str) -> Callable[[Evidence], Value]:
-    """A ground-truth metric of the CAM (`cam`) or LIME (`lime`): None without an annotation."""
+    """A ground-truth metric of the CAM (`cam`) or the reference (`reference`): None without an
+    annotation."""
 
     def compute(evidence: Evidence) -> Value:
         target = evidence.object_mask
@@ -291,11 +292,11 @@ RECORD_COLUMNS = (
     "target_class",
     "target_label",
     "cam_mask_fraction",
-    "lime_mask_fraction",
+    "reference_mask_fraction",
     "iou_by_seed",
     "n_superpixels",
     "cam_reused",
-    "lime_reused",
+    "reference_reused",
     "segmentation_reused",
 )
 
@@ -356,7 +357,11 @@ for _spec in (
         optional=True,
     ),
     MetricSpec("cam_seconds", "seconds for the CAM map", Direction.LOWER),
-    MetricSpec("lime_seconds", "seconds for LIME, superpixels included", Direction.LOWER),
+    MetricSpec(
+        "reference_seconds",
+        "seconds for the reference explainer (LIME: superpixels included)",
+        Direction.LOWER,
+    ),
     MetricSpec("segmentation_seconds", "seconds for LIME's superpixels", Direction.LOWER),
     MetricSpec(
         "iou_auc",
@@ -394,17 +399,17 @@ for _spec in (
         requires="faithfulness",
     ),
     MetricSpec(
-        "lime_deletion_auc",
-        "deletion AUC of LIME's weight map" + FIRST_SEED,
+        "reference_deletion_auc",
+        "deletion AUC of the reference's map" + FIRST_SEED,
         Direction.LOWER,
-        compute=_curve_auc("lime", "deletion"),
+        compute=_curve_auc("reference", "deletion"),
         requires="faithfulness",
     ),
     MetricSpec(
-        "lime_insertion_auc",
-        "insertion AUC of LIME's weight map" + FIRST_SEED,
+        "reference_insertion_auc",
+        "insertion AUC of the reference's map" + FIRST_SEED,
         Direction.HIGHER,
-        compute=_curve_auc("lime", "insertion"),
+        compute=_curve_auc("reference", "insertion"),
         requires="faithfulness",
     ),
     MetricSpec(
@@ -426,18 +431,32 @@ for _spec in (
     ),
 ):
     register(_spec)
-for _source, _label in (("cam", "CAM"), ("lime", "LIME")):
+for _source, _label in (("cam", "CAM"), ("reference", "reference's")):
     for _kind, _text, _stat in GROUND_TRUTH:
         register(
             MetricSpec(
                 f"{_source}_{_kind}",
-                _text.format(_label) + (FIRST_SEED if _source == "lime" else ""),
+                _text.format(_label) + (FIRST_SEED if _source == "reference" else ""),
                 Direction.HIGHER,
                 stats=(_stat,),
                 compute=_ground_truth(_source, _kind),
                 summary_names={Stat.RATE: f"{_source}_{_kind}_rate"},
             )
         )
+
+
+# The reference's metrics were LIME's before any explainer could be the reference (#20):
+# `compare` reads stores written then under these names.
+FORMER_NAMES = {
+    name: "lime" + name.removeprefix("reference")
+    for name in (
+        "reference_seconds",
+        "reference_mask_fraction",
+        "reference_deletion_auc",
+        "reference_insertion_auc",
+        *(f"reference_{kind}" for kind, _, _ in GROUND_TRUTH),
+    )
+}
 
 
 def csv_columns() -> tuple[str, ...]:
@@ -464,17 +483,17 @@ class ImageResult:
     target_class: int = -1
     target_label: str = ""
     cam_mask_fraction: float = math.nan
-    lime_mask_fraction: float = math.nan
+    reference_mask_fraction: float = math.nan
     iou_by_seed: str = ""  # with several lime seeds: the CAM-vs-LIME IoU per seed, ";"-joined
     lime_seeds: tuple[int, ...] = ()  # the LIME seeds explained; masks and maps are the first's
     reference: str = "LIME"  # what the CAM is compared with, as figures name it
     n_superpixels: int = 0
     cam_reused: bool = False
-    lime_reused: bool = False
+    reference_reused: bool = False
     segmentation_reused: bool = False
     values: dict[str, Value] = field(default_factory=dict)  # registered metrics by name
     arrays: dict[str, Any] = field(default_factory=dict, repr=False)
-    cache_keys: dict[str, str] = field(default_factory=dict)  # cam, segments, lime: cache keys
+    cache_keys: dict[str, str] = field(default_factory=dict)  # cam, segments, reference: keys
 
     @property
     def iou(self) -> float | None:

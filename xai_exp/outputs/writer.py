@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 RESULTS_CSV = "results.csv"
 KEYS_CSV = "explanation_keys.csv"  # per image the cache keys of its maps (for `compare`)
-KEY_COLUMNS = ("image", "cam", "segments", "lime")
+KEY_COLUMNS = ("image", "cam", "segments", "reference")  # before #20: `lime` for `reference`
 OVERLAYS = "overlays"  # the folder of per-image overlay figures
 FIGURE_KIND = "figures"  # cache folder of rendered overlays
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -292,7 +292,8 @@ def write_run_files(
     bars = writer.figure_path("iou_bar_chart")
     keep(bars, lambda: plots.save_figure(chart, bars, dpi))
     if writer.curves:
-        labels = {"cam": method, "lime": "LIME"}
+        reference = writer.results[0].reference if writer.results else "reference"
+        labels = {"cam": method, "reference": reference}
         curves = {labels[source]: found for source, found in writer.curves.items()}
         curve_path = writer.figure_path("faithfulness_curves")
         keep(curve_path, lambda: plots.save_figure(plots.curve_plot(curves), curve_path, dpi))

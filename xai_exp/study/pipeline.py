@@ -686,7 +686,7 @@ class Study:
         masks (`lime_self_iou`, LIME's agreement with itself) and the CAM-vs-LIME IoU per seed,
         whose mean becomes the image's `iou` (its chance level, ceiling and agreement above
         chance too). The other LIME-derived metrics, the LIME mask drawn and
-        `lime_mask_fraction` stay the first seed's."""
+        `reference_mask_fraction` stay the first seed's."""
         masks = [first_mask]
         for seed in seeds[1:]:
             weights = self.lime(item, view, segments, target, seed).arrays["weights"]
@@ -775,7 +775,7 @@ class Study:
             lime_mask = self._reference_mask(reference, cam_mask)
             if lime_mask is not None:
                 result.arrays["lime_mask"] = lime_mask
-                result.lime_mask_fraction = float(lime_mask.mean())
+                result.reference_mask_fraction = float(lime_mask.mean())
         except DegenerateMapError as error:
             reasons.append(str(error))
         if cam_mask is not None and lime_mask is not None:
@@ -807,7 +807,7 @@ class Study:
             reasons += self._metrics(result, evidence)
             curves = {
                 source: found
-                for source in ("cam", "lime")
+                for source in ("cam", "reference")
                 if (found := evidence.computed(f"{source} faithfulness")) is not None
             }
             if curves:
@@ -833,12 +833,12 @@ class Study:
             weights = step.arrays["weights"]
             result.values["segmentation_seconds"] = segment_step.seconds
             # the reference's cost includes its superpixels (lime_image computes them itself)
-            result.values["lime_seconds"] = step.seconds + segment_step.seconds
+            result.values["reference_seconds"] = step.seconds + segment_step.seconds
             result.segmentation_reused = segment_step.reused
-            result.lime_reused = step.reused
+            result.reference_reused = step.reused
             result.n_superpixels = int(segments.max()) + 1
             result.arrays.update(segments=segments, lime_weights=weights)
-            result.cache_keys.update(segments=segment_step.key, lime=step.key)
+            result.cache_keys.update(segments=segment_step.key, reference=step.key)
             return Reference(step, segment_step, segments, weights, None)
         if spec.compute is None:  # a grad-cam method as the reference
             method = MethodConfig(
@@ -851,10 +851,10 @@ class Study:
         else:
             step = self.explained(item, view, target, spec, self.reference_params)
             values = step.arrays["map"]
-        result.values["lime_seconds"] = step.seconds
-        result.lime_reused = step.reused
+        result.values["reference_seconds"] = step.seconds
+        result.reference_reused = step.reused
         result.arrays["reference_map"] = values
-        result.cache_keys["lime"] = step.key
+        result.cache_keys["reference"] = step.key
         return Reference(step, None, None, None, values)
 
     def _reference_mask(
