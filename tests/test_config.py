@@ -125,12 +125,18 @@ def test_slurm_launcher_config_composes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "config",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=1",
+            ],
             return_hydra_config=True,
         )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+    # requeue on a time limit (the cache resumes the study), USR2 two minutes before it
+    assert (launcher.max_num_timeout, launcher.signal_delay_s) == (3, 120)
 
 
 def test_unknown_keys_get_one_line_with_the_closest_valid_key(capsys):

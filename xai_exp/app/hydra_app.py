@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xai_exp.app import overrides, signals, startup, versions
+from xai_exp.app import overrides, signals, slurm, startup, versions
 from xai_exp.app.job import JobContext, NothingComparedError, execute
 from xai_exp.app.sweep import close_open_sweeps, record_failed_job
 from xai_exp.config import ConfigError, StudyConfig
@@ -143,9 +143,15 @@ def run_job(cfg: DictConfig) -> float:
     context = job_context(startup.job_started())
     masking.protect_output()  # a job in another process (the joblib launcher) masks its own
     masking.remember(str(cfg.get("tracking", {}).get("uri", "")))
+    slurm.take_over_signals()  # in a SLURM job: SIGTERM and USR2 stop the study, run KILLED
     try:
         with signals.interruptible():  # Hydra's own code between jobs is never interrupted
             return execute(to_study_config(cfg), context)
+    except KeyboardInterrupt as error:
+        if not slurm.in_job():
+            raise
+        # the run is closed: submitit requeues the job (exits here), or it fails in one line
+        raise JobError(f"xai-exp: {slurm.end_of_job(error)}") from None
     except Exception as error:
         problem = user_message(error)
         if problem is None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import getpass
+import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -273,6 +275,11 @@ def run_tags(cfg: StudyConfig, context: JobContext) -> dict[str, str]:
     tags["mlflow.source.type"] = "LOCAL"
     with contextlib.suppress(Exception):  # no user name in some containers
         tags["mlflow.user"] = getpass.getuser()
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    if slurm_job:  # squeue's id (array_task), and how often SLURM requeued the job
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        tags["slurm.job_id"] = f"{array}_{task}" if array and task else slurm_job
+        tags["slurm.restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
     if context.multirun:
         tags["sweep_dir"] = str(context.sweep_dir)
         tags["job_num"] = str(context.job_num)
@@ -305,6 +312,27 @@ def logged_config(cfg: StudyConfig) -> StudyConfig:
 
 # --------------------------------------------------------------------------- MLflow run
 
+KILLED_MARKER = "killed_run.json"  # in the output folder: the run an interrupt closed
+RESUMES_TAG = "resumes_run"  # on the run that reran the folder's study: the KILLED run's id
+RESUMED_BY_TAG = "resumed_by"  # on the KILLED run: the id of the run that resumed it
+
+
+def killed_run(out_dir: Path) -> str | None:
+    """The run an interrupt closed in this output folder (a requeued SLURM job reruns there)."""
+    try:
+        return str(json.loads((out_dir / KILLED_MARKER).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def link_resumed(run: RunLogger, previous: str, out_dir: Path) -> None:
+    """Tag the KILLED run with the run that resumes it; the folder's marker is spent."""
+    try:
+        run.client.set_tag(previous, RESUMED_BY_TAG, run.run_id)
+    except Exception as error:  # noqa: BLE001 - the link is a convenience, the run goes on
+        log.warning("could not tag run %s as resumed: %s", previous, describe(error))
+    (out_dir / KILLED_MARKER).unlink(missing_ok=True)
+
 
 def start_run(
     store: tuple[MlflowClient, str], cfg: StudyConfig, context: JobContext, out_dir: Path
@@ -312,13 +340,15 @@ def start_run(
     """Create the MLflow run (a child when in a sweep) and log the resolved config."""
     client, experiment_id = store
     marker = read_parent_marker(context.sweep_dir) if context.multirun else None
+    previous = killed_run(out_dir)
+    resumes = {RESUMES_TAG: previous} if previous else {}
     try:
         mark_lost_runs(client, [experiment_id])
         run = RunLogger.start(
             client,
             experiment_id,
             run_name(cfg, context),
-            {**run_tags(cfg, context), OUTPUT_DIR_TAG: str(out_dir)},
+            {**run_tags(cfg, context), OUTPUT_DIR_TAG: str(out_dir), **resumes},
             parent_run_id=marker["run_id"] if marker else None,
         )
     except Exception as error:
@@ -331,6 +361,9 @@ def start_run(
         cfg.tracking.experiment,
         redact_uri(cfg.tracking.uri),
     )
+    if previous:
+        link_resumed(run, previous, out_dir)
+        log.info("resuming the study of KILLED run %s (cached images are reused)", previous)
     shown = logged_config(cfg)
     run.log_params(flatten(dataclasses.asdict(shown)))
     run.log_artifact(atomic_write_text(out_dir / "config.yaml", config_yaml(shown)))
@@ -684,6 +717,11 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
                             hook.flush()  # the images finished before the failure
                 status = terminal_status(error)
                 run.finish(status)
+                if isinstance(error, KeyboardInterrupt):  # the run a rerun here resumes
+                    with contextlib.suppress(OSError):
+                        atomic_write_text(
+                            out_dir / KILLED_MARKER, json.dumps({"run_id": run.run_id})
+                        )
                 if run.lost is not None:  # the next command that reaches the server closes it
                     write_lost_marker(out_dir, run, tracking.uri)
                     if error is None:  # lost while closing the run

@@ -9,6 +9,10 @@ the middle of it into an error of its own) waits for the next block, or for `rai
 a second one there raises at once.
 `deferred()` holds signals while a run is created or closed and raises them after;
 `shielded()` ignores them while a sweep's parent run is closed, the last thing a sweep does.
+
+In a SLURM job (`xai_exp.app.slurm`) `install(preempt="SIGUSR2")` adds submitit's time-limit and
+preemption signal: it interrupts the study like SIGTERM (the run closes KILLED with what
+finished) and, once it arrived, a SIGTERM is SLURM ending the job it requeues: ignored.
 """
 
 from __future__ import annotations
@@ -24,20 +28,34 @@ class Terminated(KeyboardInterrupt):
     """The process was asked to stop by a signal; `signal_name` says which."""
 
     def __init__(self, signal_name: str) -> None:
-        super().__init__(f"received {signal_name}")
+        why = " (SLURM: time limit near, or preemption)" if signal_name == _preempt else ""
+        super().__init__(f"received {signal_name}{why}")
         self.signal_name = signal_name
 
 
 _pending: list[str] = []  # signals received outside an interruptible block, oldest first
 _depth = 0  # how many interruptible blocks are open
+_preempt: str | None = None  # the preemption signal's name, in a SLURM job (`install`)
+preempted = False  # the preemption signal arrived: later SIGTERMs are ignored
 
 
 def _interrupt(name: str) -> KeyboardInterrupt:
     return KeyboardInterrupt() if name == "SIGINT" else Terminated(name)
 
 
+def _ignored(name: str) -> bool:
+    """Note the preemption signal; True for a SIGTERM after it (SLURM stopping the job)."""
+    global preempted
+    if name == _preempt:
+        preempted = True
+        return False
+    return preempted and name == "SIGTERM"
+
+
 def _on_signal(number: int, _frame: object) -> None:
     name = signal.Signals(number).name
+    if _ignored(name):
+        return
     if _depth > 0 or _pending:  # inside a job, or pressed again: the user insists
         _pending.clear()
         raise _interrupt(name)
@@ -45,12 +63,16 @@ def _on_signal(number: int, _frame: object) -> None:
 
 
 def _signals(names: tuple[str, ...]) -> list[signal.Signals]:
+    names = (*names, _preempt) if _preempt else names
     return [getattr(signal, name) for name in names if hasattr(signal, name)]
 
 
-def install() -> None:
+def install(preempt: str | None = None) -> None:
     """SIGINT, SIGTERM and SIGHUP interrupt `interruptible()` blocks in the main thread (a
-    SIGINT the parent process ignores stays ignored)."""
+    SIGINT the parent process ignores stays ignored); `preempt` (``"SIGUSR2"`` in a SLURM
+    job) too, after which SIGTERM is ignored."""
+    global _preempt
+    _preempt = preempt or _preempt
     with contextlib.suppress(ValueError):  # not the main thread
         for number in _signals(SHIELDED):
             if number == signal.SIGINT and signal.getsignal(number) == signal.SIG_IGN:
@@ -110,8 +132,10 @@ def deferred() -> Iterator[None]:
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
-    if received:
-        raise _interrupt(signal.Signals(received[0]).name)
+    names = [signal.Signals(number).name for number in received]
+    names = [name for name in names if not _ignored(name)]
+    if names:
+        raise _interrupt(_preempt if _preempt in names else names[0])
 
 
 def exit_code(error: KeyboardInterrupt) -> int:

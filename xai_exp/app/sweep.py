@@ -214,7 +214,11 @@ class MlflowSweepCallback(Callback):
         if refused:
             tags["failed_jobs"] = "; ".join(f"{j['overrides']}: {j['error']}" for j in refused)
         parent.set_tags(tags)
-        status = "FAILED" if failed or refused else "KILLED" if interrupted else "FINISHED"
+        # a KILLED child that a requeued job resumed (tag resumed_by) is not a stopped job
+        stopped = [c for c in children
+                   if c.info.status == "KILLED" and "resumed_by" not in c.data.tags]  # fmt: skip
+        killed = interrupted or bool(stopped)
+        status = "FAILED" if failed or refused else "KILLED" if killed else "FINISHED"
         parent.finish(status)
         if parent.lost is not None:
             self._lost(parent)
