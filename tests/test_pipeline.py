@@ -93,7 +93,9 @@ def test_dead_model_is_flagged_not_thresholded():
 def test_a_cam_with_little_signal_gives_the_signal_as_mask_and_says_so(monkeypatch):
     sparse = np.zeros((32, 32), dtype=np.float32)
     sparse[:4, :12] = np.linspace(0.1, 1.0, 48).reshape(4, 12)  # 48 of 1024 pixels: 4.7%
-    monkeypatch.setattr(Study, "_cam_map", lambda self, classifier, view, target: sparse)
+    monkeypatch.setattr(
+        Study, "_cam_map", lambda self, classifier, view, target, method=None: sparse
+    )
     study = Study(config(0.1), tiny_classifier(), ExplanationCache(enabled=False))
     [result] = run_study(study, IMAGES[:1], progress=False)
     assert result.cam_mask_fraction == pytest.approx(48 / 1024)  # not the whole image
@@ -146,7 +148,7 @@ def test_metrics_beyond_iou_are_computed_once_and_reused_across_thresholds(tmp_p
         assert 0 <= abs(first.values[name]) <= 1, name
     assert first.values["pointing_game"] in (0.0, 1.0)
     assert first.values["randomisation_passed"] == (abs(first.values["randomisation_rho"]) < 0.5)
-    assert set(first.arrays["faithfulness"]) == {"cam", "lime"}
+    assert set(first.arrays["faithfulness"]) == {"cam", "reference"}
 
     cfg.threshold.cam_top_fraction = 0.3
     hits_before = cache.hits
