@@ -38,10 +38,9 @@ from xai_exp.config import (
 )
 from xai_exp.data.annotations import Annotations
 from xai_exp.data.images import (
-    DataError,
     ImageSet,
     SkippedFile,
-    check_folder,
+    data_source,
     no_valid_images,
     open_images,
 )
@@ -187,7 +186,7 @@ RANDOM_NOTE = (
 def data_name(cfg: StudyConfig) -> str:
     """The data in a word: the folder's name or ``bundled``, and the shard when sharded."""
     data = cfg.data
-    name = Path(data.dir).name if data.source == "folder" and data.dir else "bundled"
+    name = data_source(data).name(data)
     return f"{name}-shard{data.shard}of{data.num_shards}" if data.num_shards > 1 else name
 
 
@@ -547,11 +546,7 @@ def check_config(
     check_method(cfg.method.name)
     explainer(cfg.reference.name).with_params(cfg.reference.params)
     check_segmentation(cfg.lime.segmentation.algorithm, cfg.lime.segmentation.params)
-    if cfg.data.source == "folder" and cfg.data.dir is not None:
-        check_folder(cfg.data.dir)
-        manifest = cfg.data.manifest
-        if manifest and not Path(manifest).expanduser().is_file():
-            raise DataError(f"data.manifest={manifest} is not a file (a CSV of file,label rows)")
+    data_source(cfg.data).check(cfg.data)
     facts = cached_facts(cache, key) if cache is not None else None
     if cache is None or key is None or facts is None:
         return load_model(cfg)

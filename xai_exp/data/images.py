@@ -907,24 +907,64 @@ def select(
     return selected
 
 
+def _check_folder_source(cfg: DataConfig) -> None:
+    if not cfg.dir:
+        raise DataError("data=folder needs data.dir=PATH (a folder of images)")
+    check_folder(cfg.dir)
+    if cfg.manifest and not Path(cfg.manifest).expanduser().is_file():
+        raise DataError(f"data.manifest={cfg.manifest} is not a file (a CSV of file,label rows)")
+
+
+def _open_folder(cfg: DataConfig) -> ImageSet:
+    assert cfg.dir is not None
+    return list_folder(
+        cfg.dir,
+        cfg.recursive,
+        cfg.manifest,
+        cfg.max_file_mb,
+        max_pixels=cfg.max_pixels,
+        read_timeout_s=cfg.read_timeout_s,
+        follow_external_symlinks=cfg.follow_external_symlinks,
+    )
+
+
+def _open_bundled(cfg: DataConfig) -> ImageSet:
+    images = bundled_set()
+    images.max_pixels, images.read_timeout_s = cfg.max_pixels, cfg.read_timeout_s
+    return images
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One `data.source`: its cheap checks (before any compute), how it lists its images
+    (listed, not read) and its name in run names."""
+
+    check: Callable[[DataConfig], None]
+    open: Callable[[DataConfig], ImageSet]
+    name: Callable[[DataConfig], str]
+
+
+SOURCES: dict[str, DataSource] = {
+    "bundled": DataSource(lambda cfg: None, _open_bundled, lambda cfg: "bundled"),
+    "folder": DataSource(
+        _check_folder_source, _open_folder, lambda cfg: Path(cfg.dir or "folder").name
+    ),
+}
+
+
+def data_source(cfg: DataConfig) -> DataSource:
+    """The configured source; DataError for one no module registered in `SOURCES`."""
+    source = SOURCES.get(cfg.source)
+    if source is None:
+        raise DataError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
+    return source
+
+
 def open_images(cfg: DataConfig) -> ImageSet:
     """The configured images (listed, not read), or a DataError before any compute."""
-    if cfg.source == "folder":
-        if not cfg.dir:
-            raise DataError("data=folder needs data.dir=PATH (a folder of images)")
-        images = list_folder(
-            cfg.dir,
-            cfg.recursive,
-            cfg.manifest,
-            cfg.max_file_mb,
-            max_pixels=cfg.max_pixels,
-            read_timeout_s=cfg.read_timeout_s,
-            follow_external_symlinks=cfg.follow_external_symlinks,
-        )
-    else:
-        images = bundled_set()
-        images.max_pixels, images.read_timeout_s = cfg.max_pixels, cfg.read_timeout_s
-    return select(images, cfg.limit, cfg.num_shards, cfg.shard)
+    source = data_source(cfg)
+    source.check(cfg)
+    return select(source.open(cfg), cfg.limit, cfg.num_shards, cfg.shard)
 
 
 def _summarise_skipped(skipped: list[SkippedFile], shown: int = 3) -> str:
