@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xai_exp import masking, overrides, signals, startup, versions
+from xai_exp import launcher, masking, overrides, signals, startup, versions
 from xai_exp.config import ConfigError, StudyConfig
 from xai_exp.data import DataError
 from xai_exp.errors import ModelLoadError
@@ -78,6 +78,7 @@ class OutputDirCheck(Callback):
 def register_configs() -> None:
     """Register the typed schema that every composed config is validated against."""
     ConfigStore.instance().store(name="study_schema", node=StudyConfig)
+    launcher.register()  # hydra/launcher=joblib: interrupts close every job's run
 
 
 def to_study_config(cfg: DictConfig) -> StudyConfig:
@@ -141,9 +142,15 @@ def run_job(cfg: DictConfig) -> float:
     context = job_context(startup.job_started())
     masking.protect_output()  # a job in another process (the joblib launcher) masks its own
     masking.remember(str(cfg.get("tracking", {}).get("uri", "")))
+    signals.install_in_worker()  # a joblib worker closes its run KILLED on a signal
     try:
         with signals.interruptible():  # Hydra's own code between jobs is never interrupted
             return execute(to_study_config(cfg), context)
+    except KeyboardInterrupt as error:
+        if signals.in_worker():  # the worker lives on; its parent stops the sweep
+            name = error.signal_name if isinstance(error, signals.Terminated) else "SIGINT"
+            raise signals.WorkerInterrupted(name) from None
+        raise
     except Exception as error:
         problem = user_message(error)
         if problem is None:
@@ -186,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.raise_pending()  # one that arrived after the last job
     except KeyboardInterrupt as error:
         close_open_sweeps(interrupted=True)
-        print(f"xai-exp: interrupted ({error or 'SIGINT'})", file=sys.stderr)
+        print(f"xai-exp: interrupted ({str(error) or 'received SIGINT'})", file=sys.stderr)
         return signals.exit_code(error)
     finally:
         close_open_sweeps(interrupted=False)  # a failed job: Hydra skips on_multirun_end
