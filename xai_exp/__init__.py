@@ -10,3 +10,7 @@ schema), `errors`, `files` and `cache` are shared by all of them.
 import time
 
 IMPORTED = time.perf_counter()  # the earliest clock of the process that xai-exp sets itself
+
+from xai_exp.app import signals as _signals  # noqa: E402 - after the clock
+
+_signals.install_in_worker()  # a joblib sweep's worker: from its first import, signals stop it

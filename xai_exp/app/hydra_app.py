@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from xai_exp.app import overrides, signals, slurm, startup, versions
+from xai_exp.app import launcher, overrides, signals, slurm, startup, versions
 from xai_exp.app.job import JobContext, NothingComparedError, execute
 from xai_exp.app.sweep import close_open_sweeps, record_failed_job
 from xai_exp.config import ConfigError, StudyConfig
@@ -80,6 +80,7 @@ class OutputDirCheck(Callback):
 def register_configs() -> None:
     """Register the typed schema that every composed config is validated against."""
     ConfigStore.instance().store(name="study_schema", node=StudyConfig)
+    launcher.register()  # hydra/launcher=joblib: interrupts close every job's run
 
 
 def to_study_config(cfg: DictConfig) -> StudyConfig:
@@ -144,10 +145,14 @@ def run_job(cfg: DictConfig) -> float:
     masking.protect_output()  # a job in another process (the joblib launcher) masks its own
     masking.remember(str(cfg.get("tracking", {}).get("uri", "")))
     slurm.take_over_signals()  # in a SLURM job: SIGTERM and USR2 stop the study, run KILLED
+    signals.install_in_worker()  # a joblib worker closes its run KILLED on a signal
     try:
         with signals.interruptible():  # Hydra's own code between jobs is never interrupted
             return execute(to_study_config(cfg), context)
     except KeyboardInterrupt as error:
+        if signals.in_worker():  # the worker lives on; its parent stops the sweep
+            name = error.signal_name if isinstance(error, signals.Terminated) else "SIGINT"
+            raise signals.WorkerInterrupted(name) from None
         if not slurm.in_job():
             raise
         # the run is closed: submitit requeues the job (exits here), or it fails in one line
@@ -194,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.raise_pending()  # one that arrived after the last job
     except KeyboardInterrupt as error:
         close_open_sweeps(interrupted=True)
-        print(f"xai-exp: interrupted ({error or 'SIGINT'})", file=sys.stderr)
+        print(f"xai-exp: interrupted ({str(error) or 'received SIGINT'})", file=sys.stderr)
         return signals.exit_code(error)
     finally:
         close_open_sweeps(interrupted=False)  # a failed job: Hydra skips on_multirun_end

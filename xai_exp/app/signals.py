@@ -13,15 +13,25 @@ a second one there raises at once.
 In a SLURM job (`xai_exp.app.slurm`) `install(preempt="SIGUSR2")` adds submitit's time-limit and
 preemption signal: it interrupts the study like SIGTERM (the run closes KILLED with what
 finished) and, once it arrived, a SIGTERM is SLURM ending the job it requeues: ignored.
+
+A sweep whose jobs run in worker processes (the joblib launcher) stops as one: the parent
+passes its signal on to the workers (`forwarding()`), a worker passes its own to the parent
+(`install_in_worker()`), each worker closes its run KILLED and refuses every later job, and
+the parent raises the signal once the jobs have ended. Repeated presses and the copies that
+went around wait for that, `GRACE_S` seconds at most; one after that raises at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 SHIELDED = ("SIGINT", "SIGTERM", "SIGHUP")
+WORKER_PARENT_ENV = "XAI_EXP_SWEEP_PARENT"  # the pid of the sweep whose worker a process is
+GRACE_S = 15.0  # how long a sweep's workers may take to close their runs before a press kills
 
 
 class Terminated(KeyboardInterrupt):
@@ -33,13 +43,30 @@ class Terminated(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
+class WorkerInterrupted(Exception):  # noqa: N818 - it reports an interrupt, it is no error
+    """A sweep job in a worker process ended by a signal (its run closed KILLED); an ordinary
+    exception, so the worker survives it and the parent raises the signal itself."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"received {signal_name}")
+        self.signal_name = signal_name
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # back to the parent intact
+        return (WorkerInterrupted, (self.signal_name,))
+
+
 _pending: list[str] = []  # signals received outside an interruptible block, oldest first
 _depth = 0  # how many interruptible blocks are open
 _preempt: str | None = None  # the preemption signal's name, in a SLURM job (`install`)
 preempted = False  # the preemption signal arrived: later SIGTERMs are ignored
+_workers: Callable[[], Iterable[int]] | None = None  # the parent, while workers run its jobs
+_stopping_since: float | None = None  # the parent: when a sweep's workers were told to stop
+_worker_of: int | None = None  # a worker process: its sweep's pid
+_stopped: str | None = None  # a worker process: the signal that stopped it (sticky)
 
 
-def _interrupt(name: str) -> KeyboardInterrupt:
+def interrupt(name: str) -> KeyboardInterrupt:
+    """The interrupt a signal raises: KeyboardInterrupt for SIGINT, else `Terminated`."""
     return KeyboardInterrupt() if name == "SIGINT" else Terminated(name)
 
 
@@ -53,13 +80,50 @@ def _ignored(name: str) -> bool:
 
 
 def _on_signal(number: int, _frame: object) -> None:
+    global _stopping_since
     name = signal.Signals(number).name
     if _ignored(name):
         return
-    if _depth > 0 or _pending:  # inside a job, or pressed again: the user insists
+    if in_worker():
+        _stop_worker(number)
+        return
+    if _depth > 0:  # inside a job of this process: at once
         _pending.clear()
-        raise _interrupt(name)
+        raise interrupt(name)
+    if _stopping_since is not None:  # the workers close their runs: repeats and copies wait
+        if time.monotonic() - _stopping_since < GRACE_S:
+            return
+        _pending.clear()  # the user insists: the workers are killed, their runs closed after
+        raise interrupt(name)
+    if _workers is not None:  # the first: the workers stop too, the sweep once they have
+        _stopping_since = time.monotonic()
+        _pending[:] = [name]
+        _send(_workers(), number)
+        return
+    if _pending:  # pressed again: the user insists
+        _pending.clear()
+        raise interrupt(name)
     _pending.append(name)
+
+
+def _send(pids: Iterable[int], number: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone already
+            os.kill(pid, number)
+
+
+def _stop_worker(number: int) -> None:
+    """A worker's signal: the first stops its job at once (and every later one) and the
+    whole sweep; repeats and the parent's copy change nothing."""
+    global _stopped
+    if _stopped is not None:
+        return
+    name = signal.Signals(number).name
+    _stopped = name
+    if _worker_of is not None:
+        _send([_worker_of], number)
+    if _depth > 0:
+        raise interrupt(name)
 
 
 def _signals(names: tuple[str, ...]) -> list[signal.Signals]:
@@ -80,12 +144,49 @@ def install(preempt: str | None = None) -> None:
             signal.signal(number, _on_signal)
 
 
+def install_in_worker() -> None:
+    """In a worker process of a sweep (`WORKER_PARENT_ENV` names its parent): SIGINT, SIGTERM
+    and SIGHUP stop the job in progress (its run closed KILLED) and every later one, and reach
+    the parent, which stops the whole sweep. Elsewhere nothing changes."""
+    global _worker_of
+    parent = os.environ.get(WORKER_PARENT_ENV, "")
+    if _worker_of is not None or not parent.isdigit() or int(parent) != os.getppid():
+        return  # installed already, or not a worker (the joblib launcher with n_jobs=1)
+    _worker_of = int(parent)
+    install()
+
+
+def in_worker() -> bool:
+    """Whether this process is a sweep's worker (`install_in_worker`; not a process it forked,
+    such as a superpixel worker, which keeps the ordinary handling)."""
+    return _worker_of is not None and os.getppid() == _worker_of
+
+
+@contextlib.contextmanager
+def forwarding(workers: Callable[[], Iterable[int]]) -> Iterator[None]:
+    """The block runs sweep jobs in worker processes, whose pids `workers` gives: the first
+    signal is passed on to them and waits (`stop_requested`, `raise_pending`) while they
+    close their runs; another one raises only `GRACE_S` seconds later (it kills them)."""
+    global _workers
+    raise_pending()  # one that arrived before: nothing has started
+    _workers = workers
+    try:
+        yield
+    finally:
+        _workers = None
+
+
+def stop_requested() -> str | None:
+    """The signal that stops this sweep or worker, once one arrived; else None."""
+    return _stopped or (_pending[0] if _pending else None)
+
+
 def raise_pending() -> None:
     """Raise the first signal that arrived outside an interruptible block, if any."""
     if _pending:
         name = _pending[0]
         _pending.clear()
-        raise _interrupt(name)
+        raise interrupt(name)
 
 
 @contextlib.contextmanager
@@ -95,6 +196,8 @@ def interruptible() -> Iterator[None]:
     _depth += 1
     try:
         raise_pending()
+        if _stopped is not None:  # a worker that a signal stopped runs no further job
+            raise interrupt(_stopped)
         yield
     finally:
         _depth -= 1
@@ -135,7 +238,11 @@ def deferred() -> Iterator[None]:
     names = [signal.Signals(number).name for number in received]
     names = [name for name in names if not _ignored(name)]
     if names:
-        raise _interrupt(_preempt if _preempt in names else names[0])
+        if in_worker():
+            if _stopped is not None:
+                return  # a worker stops once: its job is ending already
+            _stop_worker(int(getattr(signal, names[0])))
+        raise interrupt(_preempt if _preempt in names else names[0])
 
 
 def exit_code(error: KeyboardInterrupt) -> int:

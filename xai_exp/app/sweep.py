@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from xai_exp.app.signals import deferred, shielded
@@ -23,6 +25,8 @@ from xai_exp.track.runs import (
     TrackingError,
     child_runs,
     connect,
+    lost_process_reason,
+    process_gone,
     redact_uri,
     run_url,
     server_lost,
@@ -81,6 +85,29 @@ def close_open_sweeps(interrupted: bool) -> None:
     """
     while _OPEN:
         _OPEN.pop()._close(interrupted=interrupted)
+
+
+def close_lost_children(client: MlflowClient, children: list[Run], interrupted: bool) -> list[Run]:
+    """Close the children left RUNNING by a process that is gone (a joblib worker killed by a
+    second Ctrl-C, kill -9, out of memory): KILLED in an interrupted sweep, else FAILED.
+    Returns the children as they are now."""
+    now = []
+    for child in children:
+        tags = child.data.tags
+        if child.info.status == "RUNNING" and process_gone(tags):
+            status = "KILLED" if interrupted else "FAILED"
+            reason = (
+                "Terminated: its worker process was stopped with the sweep"
+                if interrupted
+                else lost_process_reason(tags)
+            )
+            client.set_tag(child.info.run_id, "error", reason)
+            client.set_terminated(child.info.run_id, status)
+            log.warning("run %s (%s) marked %s: %s", child.info.run_id, child.info.run_name,
+                        status, reason)  # fmt: skip
+            child = client.get_run(child.info.run_id)
+        now.append(child)
+    return now
 
 
 def sweep_note(children: int, findings: list[str]) -> str:
@@ -167,6 +194,7 @@ class MlflowSweepCallback(Callback):
     def _finish(self, parent: RunLogger, interrupted: bool) -> None:
         try:
             children = child_runs(parent.client, parent.experiment_id, parent.run_id)
+            children = close_lost_children(parent.client, children, interrupted)
         except Exception as error:
             if not server_lost(error):
                 raise

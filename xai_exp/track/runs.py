@@ -433,6 +433,14 @@ def _upload_local_results(client: MlflowClient, run_id: str, folder: Path) -> No
                 log.info("could not upload %s of run %s: %s", path, run_id, describe(error))
 
 
+def lost_process_reason(tags: Mapping[str, str]) -> str:
+    """The `error` tag of a run whose process ended without closing it."""
+    return (
+        f"process lost: pid {tags.get('process.pid')} on {tags.get('process.host')} "
+        "ended without closing the run (killed, or out of memory, or its node lost)"
+    )
+
+
 def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[str]:
     """Mark RUNNING runs whose process is gone (kill -9, the OOM killer) as FAILED, and those
     whose process lost the tracking server (`write_lost_marker`): their tag `error` names the
@@ -448,10 +456,7 @@ def mark_lost_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[
             reason = f"tracking server lost mid-run; local results in {folder}"
             _upload_local_results(client, run.info.run_id, folder)
         else:
-            reason = (
-                f"process lost: pid {tags.get('process.pid')} on {tags.get('process.host')} "
-                "ended without closing the run (killed, or out of memory, or its node lost)"
-            )
+            reason = lost_process_reason(tags)
         client.set_tag(run.info.run_id, "error", reason)
         client.set_terminated(run.info.run_id, "FAILED")
         log.warning("run %s (%s) marked FAILED: %s", run.info.run_id, run.info.run_name, reason)
