@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_STUDY, study_command
+from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
 from xai_exp.cache import ExplanationCache
+from xai_exp.compare import comparison as cmp
+from xai_exp.compare.comparison import comparison_title
 from xai_exp.config import (
     ConfigError,
     LimeConfig,
@@ -187,3 +193,35 @@ def test_registered_names_are_taken_once():
         register(other)
     assert register(spec) is spec  # the same spec again (a module imported twice) is fine
     assert EXPLAINERS["rise"] is spec
+
+
+@pytest.mark.slow
+def test_a_reference_sweep_is_one_study_with_a_row_each_and_the_agreement_matrix(tmp_path):
+    references = ["lime", "kernelshap", "rise", "integrated_gradients", "occlusion", "scorecam"]
+    command = study_command(
+        tmp_path, *TINY_STUDY, f"reference={','.join(references)}", multirun=True
+    )
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("xai-exp").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.params["reference.name"] for c in children) == sorted(references)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.metrics["n_compared"] == 2 for c in children)
+
+    comparison = cmp.compare(uri, "xai-exp", parent.info.run_id, tmp_path / "out")
+    assert sorted(comparison.table["reference"]) == sorted(references)  # a row each
+    pairs = comparison.methods
+    labels = ["gradcam", "LIME", *references[1:]]
+    assert {frozenset(p) for p in zip(pairs["a"], pairs["b"], strict=True)} == {
+        frozenset(p) for p in itertools.combinations(labels, 2)
+    }
+    assert (pairs["images"] == 2).all()
+    # a pixel-map reference's mask is its top 10%, like the matrix's: the same IoU both ways
+    rise = next(c for c in children if c.data.params["reference.name"] == "rise")
+    row = pairs[(pairs["a"] == "gradcam") & (pairs["b"] == "rise")].iloc[0]
+    assert row["mean_top_f_iou"] == pytest.approx(rise.data.metrics["mean_iou"], abs=1e-9)
+    assert "gradcam vs " in comparison_title(comparison.frame)

@@ -19,7 +19,7 @@ from xai_exp.app.job import JobContext, execute
 from xai_exp.config import ConfigError, validate
 from xai_exp.models import threads
 from xai_exp.models.threads import cgroup_cpus, cpu_share, inference_threads
-from xai_exp.study.pipeline import superpixel_worker_count
+from xai_exp.study.steps import superpixel_worker_count
 
 NO_LIMITS: dict[str, str] = {}  # an environment without SLURM_CPUS_PER_TASK or OMP_NUM_THREADS
 

@@ -24,7 +24,7 @@ from xai_exp.models.classifier import (
     prepare_classifier,
 )
 from xai_exp.models.views import View
-from xai_exp.study import pipeline
+from xai_exp.study import pipeline, steps
 
 SIZE = 64
 SMALL = {  # family -> (timm name, arguments that keep it small at 64 px)
@@ -185,7 +185,7 @@ def test_the_models_view_reaches_both_explanation_paths(tmp_path, monkeypatch):
     image = np.asarray(bundled_images(1)[0].image)
     expected = View(SIZE, 2 * SIZE, "bilinear", "center").image(image)
     seen = {}
-    real_cam, real_segment = cam_module.compute_cam, pipeline.segment
+    real_cam, real_segment = cam_module.compute_cam, steps.segment
 
     def spy_cam(model, tensor, *args, **kwargs):
         seen["cam"] = tensor
@@ -196,7 +196,7 @@ def test_the_models_view_reaches_both_explanation_paths(tmp_path, monkeypatch):
         return real_segment(view, *args)
 
     monkeypatch.setattr(cam_module, "compute_cam", spy_cam)  # imported when a map is computed
-    monkeypatch.setattr(pipeline, "segment", spy_segment)
+    monkeypatch.setattr(steps, "segment", spy_segment)
     lime_config = LimeConfig(num_samples=20)
     lime_config.segmentation.algorithm = "slic"
     lime_config.segmentation.params = {"n_segments": 12, "start_label": 0}

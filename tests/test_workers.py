@@ -15,7 +15,8 @@ from xai_exp.config import LimeConfig, StudyConfig
 from xai_exp.data.images import ImageItem
 from xai_exp.explain import superpixels
 from xai_exp.study import pipeline
-from xai_exp.study.pipeline import Study, run_study, superpixel_worker_count
+from xai_exp.study.pipeline import Study, run_study
+from xai_exp.study.steps import superpixel_worker_count
 
 ITEMS = 5
 

@@ -73,7 +73,8 @@ from xai_exp.outputs.writer import (
     explanation_params,
     write_run_files,
 )
-from xai_exp.study.pipeline import Study, library_versions, prepare_for_classifier, run_study
+from xai_exp.study.pipeline import Study, run_study
+from xai_exp.study.steps import library_versions, prepare_for_classifier
 from xai_exp.track.runs import (
     OUTPUT_DIR_TAG,
     RunLogger,
