@@ -585,14 +585,54 @@ def check_overrides(cfg: StudyConfig, context: JobContext) -> None:
         log.warning("%s", problem)
 
 
+@dataclass
+class Job:
+    """One study job's parts, made in `prepare` before any MLflow run exists."""
+
+    cfg: StudyConfig
+    context: JobContext
+    store: tuple[MlflowClient, str] | None  # `connect`: client and experiment id
+    cache: ExplanationCache
+    images: ImageSet
+    study: Study
+    out_dir: Path
+    run: RunLogger | None = None
+    writer: ResultsWriter | None = None
+    hook: ImageLogger | None = None
+    reporter: SkipReporter | None = None
+
+
 def execute(cfg: StudyConfig, context: JobContext) -> float:
     """Run one study and log it; returns the mean IoU.
 
-    The config and the model are checked before anything else (`check_config`): a config
-    error leaves no run behind. Once the tracking store answers, the run exists, so any later
+    The config and the model are checked before anything else (`prepare`): a config error
+    leaves no run behind. Once the tracking store answers, the run exists, so any later
     failure is recorded in it as FAILED (KILLED on an interrupt) with the reason, and the
     images finished so far are kept. A run in which no image could be compared is FAILED.
     """
+    job = prepare(cfg, context)
+    error: BaseException | None = None
+    try:
+        with deferred():  # an interrupt while the run is created arrives once it can be closed
+            job.run = start_run(job.store, cfg, context, job.out_dir) if job.store else None
+        job.writer, job.hook = open_outputs(job)
+        seconds: dict[str, float] = {}  # loading: from the job's (process's) start
+        if context.started is not None:
+            seconds["loading"] = time.perf_counter() - context.started
+        results = run_study(job.study, job.images, job.writer, cfg.progress, seconds)
+        summary = finish(job, results, seconds)
+        report(job, results, summary)
+        return summary["mean_iou"]
+    except BaseException as caught:
+        error = caught
+        raise
+    finally:
+        close(job, error)
+
+
+def prepare(cfg: StudyConfig, context: JobContext) -> Job:
+    """Everything a job checks and opens before its MLflow run: the config, the store, the
+    cache, the model (or its cached facts), the images (listed, not read) and the study."""
     honour_data_dir(cfg, context.task_overrides)
     validate(cfg)  # values and ranges, before the store is touched
     check_overrides(cfg, context)
@@ -613,114 +653,125 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         store_facts(cache, key, study.facts)
     out_dir = Path(context.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run: RunLogger | None = None
-    writer: ResultsWriter | None = None
-    hook: ImageLogger | None = None
-    error: BaseException | None = None
-    try:
-        with deferred():  # an interrupt while the run is created arrives once it can be closed
-            run = start_run(store, cfg, context, out_dir) if store is not None else None
-        if run is not None:
-            cached = {CACHE_DIR_TAG: str(cache.directory)} if cache.enabled else {}
-            run.set_tags({**model_tags(study.facts, cfg), **cached})
-        reporter = SkipReporter()
-        for file in images.skipped:
-            reporter(file)
-        images.on_skip = reporter
-        report_labels(images, study.classes, study.facts.arch)
-        hook = ImageLogger(run) if run is not None else None
-        writer = ResultsWriter(
-            out_dir,
-            cfg.method.name,
-            hook,
-            setting=describe_setting(cfg),
-            plots=cfg.plots,
-            overlays=OverlayPlan(overlay_cap(cfg.outputs.overlays), len(images)),
-            figures=cache,
-            random_weights=random_weights(cfg.model),
+    return Job(cfg, context, store, cache, images, study, out_dir)
+
+
+def open_outputs(job: Job) -> tuple[ResultsWriter, ImageLogger | None]:
+    """The run's model tags, the skipped-file and label reports, and the writer of results."""
+    cfg, study, images = job.cfg, job.study, job.images
+    if job.run is not None:
+        cached = {CACHE_DIR_TAG: str(job.cache.directory)} if job.cache.enabled else {}
+        job.run.set_tags({**model_tags(study.facts, cfg), **cached})
+    reporter = SkipReporter()
+    for file in images.skipped:
+        reporter(file)
+    images.on_skip = reporter
+    report_labels(images, study.classes, study.facts.arch)
+    hook = ImageLogger(job.run) if job.run is not None else None
+    writer = ResultsWriter(
+        job.out_dir,
+        cfg.method.name,
+        hook,
+        setting=describe_setting(cfg),
+        plots=cfg.plots,
+        overlays=OverlayPlan(overlay_cap(cfg.outputs.overlays), len(images)),
+        figures=job.cache,
+        random_weights=random_weights(cfg.model),
+    )
+    job.reporter = reporter
+    return writer, hook
+
+
+def finish(job: Job, results: list[ImageResult], seconds: dict[str, float]) -> dict[str, float]:
+    """The run's summary, its files and their upload; NothingComparedError when no image
+    could be compared."""
+    cfg, study, images, run, writer = job.cfg, job.study, job.images, job.run, job.writer
+    assert writer is not None
+    if job.reporter is not None:
+        job.reporter.close()
+    if not results:
+        raise no_valid_images(images, cfg.data.dir or "the bundled photos")
+    started = time.perf_counter()
+    summary = {
+        **summary_metrics(results),
+        "n_skipped_files": len(images.skipped),
+        "explanations_computed": study.computed,
+        "explanations_reused": study.reused,
+        **{f"seconds_{phase}": value for phase, value in seconds.items()},
+    }
+    if not study.model.built:
+        log.info("every prediction and map was cached: the model was not loaded")
+    params = explanation_params(cfg, study.facts, study.versions)
+    files = write_run_files(writer, params, summary, images.skipped)
+    missing = writer.unwritten_line()
+    if missing:
+        where = "in MLflow (results_table.json)" if run is not None else "lost: tracking is off"
+        log.warning("%s; their results are %s", missing, where)
+    if run is not None and job.hook is not None:
+        log_results(run, cfg.method.name, summary, files, results)
+        job.hook.flush()
+        run.set_tags({"mlflow.note.content": run_note(cfg, summary, files)})
+        run.log_metrics({"seconds_finishing": time.perf_counter() - started})
+    if results and summary["n_compared"] == 0:
+        raise NothingComparedError(
+            f"no image could be compared ({summary['n_flagged']} flagged, "
+            f"{summary['n_failed']} failed); the reasons are in {writer.csv_path}"
         )
-        seconds: dict[str, float] = {}  # loading: from the job's (process's) start
-        if context.started is not None:
-            seconds["loading"] = time.perf_counter() - context.started
-        results = run_study(study, images, writer, cfg.progress, seconds)
-        reporter.close()
-        if not results:
-            raise no_valid_images(images, cfg.data.dir or "the bundled photos")
-        started = time.perf_counter()
-        summary = {
-            **summary_metrics(results),
-            "n_skipped_files": len(images.skipped),
-            "explanations_computed": study.computed,
-            "explanations_reused": study.reused,
-            **{f"seconds_{phase}": value for phase, value in seconds.items()},
-        }
-        if not study.model.built:
-            log.info("every prediction and map was cached: the model was not loaded")
-        params = explanation_params(cfg, study.facts, study.versions)
-        files = write_run_files(writer, params, summary, images.skipped)
-        missing = writer.unwritten_line()
-        if missing:
-            where = "in MLflow (results_table.json)" if run is not None else "lost: tracking is off"
-            log.warning("%s; their results are %s", missing, where)
-        if run is not None and hook is not None:
-            log_results(run, cfg.method.name, summary, files, results)
-            hook.flush()
-            run.set_tags({"mlflow.note.content": run_note(cfg, summary, files)})
-            run.log_metrics({"seconds_finishing": time.perf_counter() - started})
-        if results and summary["n_compared"] == 0:
-            raise NothingComparedError(
-                f"no image could be compared ({summary['n_flagged']} flagged, "
-                f"{summary['n_failed']} failed); the reasons are in {writer.csv_path}"
-            )
-        log.info(
-            "%s vs %s: mean IoU %s over %d compared of %d images, median %.3f "
-            "(%d computed, %d reused)%s",
-            cfg.method.name,
-            reference_label(cfg),
-            mean_with_interval(summary),
-            summary["n_compared"],
-            len(results),
-            summary["median_iou"],
-            study.computed,
-            study.reused,
-            "; the model has random weights" if random_weights(cfg.model) else "",
-        )
-        log.info(
-            "agreement above chance %s (chance level %.3f, ceiling %.3f: "
-            "(IoU - chance) / (ceiling - chance))",
-            mean_with_interval(summary, "mean_iou_corrected"),
-            summary.get("mean_iou_chance", math.nan),
-            summary.get("mean_iou_ceiling", math.nan),
-        )
-        if run is not None and run.lost is not None:
-            raise server_lost_error(tracking.uri, out_dir, run)
-        view = share_table_view(run.client, run.experiment_id) if run is not None else None
-        print(where_to_look(cfg, out_dir, run, summary, view), flush=True)
-        return summary["mean_iou"]
-    except BaseException as caught:
-        error = caught
-        raise
-    finally:
-        study.close()
-        if run is not None:
-            # a Ctrl-C or SIGTERM now cannot leave the run RUNNING: it takes effect once the
-            # run is closed (and stops a sweep there, at the first press)
-            with deferred():
-                if error is not None:
-                    log_partial(run, writer, error)
-                    if hook is not None:
-                        with contextlib.suppress(Exception):
-                            hook.flush()  # the images finished before the failure
-                status = terminal_status(error)
-                run.finish(status)
-                if isinstance(error, KeyboardInterrupt):  # the run a rerun here resumes
-                    with contextlib.suppress(OSError):
-                        atomic_write_text(
-                            out_dir / KILLED_MARKER, json.dumps({"run_id": run.run_id})
-                        )
-                if run.lost is not None:  # the next command that reaches the server closes it
-                    write_lost_marker(out_dir, run, tracking.uri)
-                    if error is None:  # lost while closing the run
-                        raise server_lost_error(tracking.uri, out_dir, run)
-                elif error is not None:
-                    log.warning("MLflow run %s marked %s (%s)", run.run_id, status, describe(error))
+    return summary
+
+
+def report(job: Job, results: list[ImageResult], summary: dict[str, float]) -> None:
+    """The result in the log and the end block on the console."""
+    cfg, run = job.cfg, job.run
+    log.info(
+        "%s vs %s: mean IoU %s over %d compared of %d images, median %.3f "
+        "(%d computed, %d reused)%s",
+        cfg.method.name,
+        reference_label(cfg),
+        mean_with_interval(summary),
+        summary["n_compared"],
+        len(results),
+        summary["median_iou"],
+        job.study.computed,
+        job.study.reused,
+        "; the model has random weights" if random_weights(cfg.model) else "",
+    )
+    log.info(
+        "agreement above chance %s (chance level %.3f, ceiling %.3f: "
+        "(IoU - chance) / (ceiling - chance))",
+        mean_with_interval(summary, "mean_iou_corrected"),
+        summary.get("mean_iou_chance", math.nan),
+        summary.get("mean_iou_ceiling", math.nan),
+    )
+    if run is not None and run.lost is not None:
+        raise server_lost_error(cfg.tracking.uri, job.out_dir, run)
+    view = share_table_view(run.client, run.experiment_id) if run is not None else None
+    print(where_to_look(cfg, job.out_dir, run, summary, view), flush=True)
+
+
+def close(job: Job, error: BaseException | None) -> None:
+    """Stop the study's workers and close the run: FINISHED, FAILED or KILLED with what
+    finished; a Ctrl-C or SIGTERM now takes effect once the run is closed."""
+    job.study.close()
+    run, out_dir, uri = job.run, job.out_dir, job.cfg.tracking.uri
+    if run is None:
+        return
+    # a Ctrl-C or SIGTERM now cannot leave the run RUNNING: it takes effect once the run is
+    # closed (and stops a sweep there, at the first press)
+    with deferred():
+        if error is not None:
+            log_partial(run, job.writer, error)
+            if job.hook is not None:
+                with contextlib.suppress(Exception):
+                    job.hook.flush()  # the images finished before the failure
+        status = terminal_status(error)
+        run.finish(status)
+        if isinstance(error, KeyboardInterrupt):  # the run a rerun here resumes
+            with contextlib.suppress(OSError):
+                atomic_write_text(out_dir / KILLED_MARKER, json.dumps({"run_id": run.run_id}))
+        if run.lost is not None:  # the next command that reaches the server closes it
+            write_lost_marker(out_dir, run, uri)
+            if error is None:  # lost while closing the run
+                raise server_lost_error(uri, out_dir, run)
+        elif error is not None:
+            log.warning("MLflow run %s marked %s (%s)", run.run_id, status, describe(error))
