@@ -6,6 +6,7 @@ Their code loads when a map is computed, so registering them imports neither tor
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,65 +52,32 @@ def _all(*checks: Callable[[Mapping[str, Any]], str | None]) -> Callable:
     return check
 
 
-def _kernel_shap(inputs: Inputs) -> np.ndarray:
-    from xai_exp.explain import captum_methods
+def _calls(
+    function: str,
+    module: str = "xai_exp.explain.captum_methods",
+    *,
+    superpixels: bool = False,
+    seeded: bool = False,
+    engine: bool = True,
+) -> Callable[[Inputs], np.ndarray]:
+    """A compute function that calls `module.function(classifier, view, [segments,] target,
+    **params, batch_size=...)`, with the seed, the precision (explainers on the forward-pass
+    engine) and LIME's hidden colour where it takes them. The module loads at the first call."""
 
-    assert inputs.segments is not None
-    return captum_methods.kernel_shap(
-        inputs.classifier,
-        inputs.view,
-        inputs.segments,
-        inputs.target,
-        num_samples=int(inputs.params["num_samples"]),
-        hide_color=inputs.hide_color,
-        seed=inputs.seed,
-        batch_size=inputs.batch_size,
-        precision=inputs.precision,
-    )
+    def compute(inputs: Inputs) -> np.ndarray:
+        explain = getattr(importlib.import_module(module), function)
+        head = [inputs.classifier, inputs.view]
+        extra: dict[str, Any] = {"batch_size": inputs.batch_size}
+        if superpixels:
+            head.append(inputs.segments)
+            extra["hide_color"] = inputs.hide_color
+        if seeded:
+            extra["seed"] = inputs.seed
+        if engine:
+            extra["precision"] = inputs.precision
+        return explain(*head, inputs.target, **inputs.params, **extra)
 
-
-def _occlusion(inputs: Inputs) -> np.ndarray:
-    from xai_exp.explain import captum_methods
-
-    return captum_methods.occlusion(
-        inputs.classifier,
-        inputs.view,
-        inputs.target,
-        window=int(inputs.params["window"]),
-        stride=int(inputs.params["stride"]),
-        baseline=float(inputs.params["baseline"]),
-        batch_size=inputs.batch_size,
-        precision=inputs.precision,
-    )
-
-
-def _integrated_gradients(inputs: Inputs) -> np.ndarray:
-    from xai_exp.explain import captum_methods
-
-    return captum_methods.integrated_gradients(
-        inputs.classifier,
-        inputs.view,
-        inputs.target,
-        steps=int(inputs.params["steps"]),
-        baseline=float(inputs.params["baseline"]),
-        batch_size=inputs.batch_size,
-    )
-
-
-def _rise(inputs: Inputs) -> np.ndarray:
-    from xai_exp.explain import rise
-
-    return rise.rise(
-        inputs.classifier,
-        inputs.view,
-        inputs.target,
-        num_masks=int(inputs.params["num_masks"]),
-        grid_size=int(inputs.params["grid_size"]),
-        keep_probability=float(inputs.params["keep_probability"]),
-        seed=inputs.seed,
-        batch_size=inputs.batch_size,
-        precision=inputs.precision,
-    )
+    return compute
 
 
 def _keep_probability(params: Mapping[str, Any]) -> str | None:
@@ -138,7 +106,7 @@ register(
         code=(*_CAPTUM, *_FORWARD, "xai_exp.explain.lime"),
         forward_only=True,
         description="Captum's KernelShap over LIME's superpixels, hidden as LIME hides them",
-        compute=_kernel_shap,
+        compute=_calls("kernel_shap", superpixels=True, seeded=True),
         params={"num_samples": 200},
         check=_positive("num_samples"),
     )
@@ -152,7 +120,7 @@ register(
         code=(*_CAPTUM, *_FORWARD),
         forward_only=True,
         description="Captum's Occlusion: a sliding square window of `baseline`",
-        compute=_occlusion,
+        compute=_calls("occlusion"),
         params={"window": 16, "stride": 8, "baseline": 0.0},
         check=_all(_positive("window", "stride"), _number("baseline")),
     )
@@ -166,7 +134,7 @@ register(
         code=_CAPTUM,
         forward_only=False,
         description="Captum's IntegratedGradients from `baseline`, summed over channels",
-        compute=_integrated_gradients,
+        compute=_calls("integrated_gradients", engine=False),
         params={"steps": 32, "baseline": 0.0},
         check=_all(_positive("steps"), _number("baseline")),
     )
@@ -180,7 +148,7 @@ register(
         code=(*_VIEW, *_NETWORK, *_FORWARD, "xai_exp.explain.rise"),
         forward_only=True,
         description="RISE (Petsiuk et al., 2018): random low-resolution masks, weighted sum",
-        compute=_rise,
+        compute=_calls("rise", "xai_exp.explain.rise", seeded=True),
         params={"num_masks": 2000, "grid_size": 7, "keep_probability": 0.5},
         check=_all(_positive("num_masks", "grid_size"), _keep_probability),
     )
