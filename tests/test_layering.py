@@ -4,11 +4,11 @@ wing imports the wings above it (tracking, comparing, the command)."""
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-PACKAGE = Path(__file__).resolve().parents[1] / "xai_exp"
+PACKAGE = REPO_ROOT / "xai_exp"
 CORE_WINGS = ("data", "models", "explain", "evaluate", "study", "outputs")
 SHARED = ("config", "errors", "files", "cache")  # modules at the top, used by every wing
 UPPER_WINGS = ("track", "compare", "app")  # the only ones that may import MLflow or Hydra

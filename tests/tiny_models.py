@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xai_exp.config import LimeConfig, MethodConfig, StudyConfig, ThresholdConfig
+from xai_exp.data.images import ImageItem
 from xai_exp.models.classifier import Classifier, prepare_classifier
 
 
@@ -64,3 +66,27 @@ def smooth_image(size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
     return np.kron(blocks, np.ones((size // 4, size // 4, 1), dtype=np.uint8))
+
+
+def smooth_item(name: str, seed: int) -> ImageItem:
+    return ImageItem(name, name, smooth_image(seed=seed), f"hash-{name}", name)
+
+
+def smooth_study_config(fraction: float = 0.1, **lime) -> StudyConfig:
+    # hidden superpixels black: on these smooth images a mean-colour superpixel hides nothing,
+    # and LIME's weights would be ~1e-32 (flagged as all zero)
+    lime_cfg = LimeConfig(num_samples=40, batch_size=16, **{"hide_color": 0, **lime})
+    lime_cfg.segmentation.algorithm = "slic"
+    lime_cfg.segmentation.params = {"n_segments": 16, "compactness": 10, "start_label": 0}
+    return StudyConfig(
+        method=MethodConfig(name="gradcam"),
+        threshold=ThresholdConfig(cam_top_fraction=fraction),
+        lime=lime_cfg,
+        progress=False,
+    )
+
+
+SMOOTH_ITEMS = [
+    smooth_item("a", 2),
+    smooth_item("b", 6),
+]  # both with positive LIME superpixels for seeds 0-2

@@ -7,11 +7,10 @@ import itertools
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_STUDY, study_command
+from conftest import REPO_ROOT, TINY_STUDY, study_command
 from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
@@ -44,7 +43,7 @@ from xai_exp.explain.registry import (
 from xai_exp.models.architectures import Family as ModelFamily
 from xai_exp.study.pipeline import Study, run_study
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = REPO_ROOT / "conf"
 IMAGES = [
     ImageItem(name, name, smooth_image(seed=seed), f"hash-{name}", name)
     for name, seed in (("a", 2), ("b", 6))

@@ -1,8 +1,7 @@
 """Every config in conf/ composes into a valid StudyConfig; bad values fail with one line."""
 
-from pathlib import Path
-
 import pytest
+from conftest import REPO_ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -11,7 +10,7 @@ from xai_exp.app.hydra_app import compose_config, register_configs
 from xai_exp.config import ConfigError, StudyConfig, validate
 from xai_exp.explain.cam import CAM_METHODS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = REPO_ROOT / "conf"
 GROUPS = [
     "model",
     "data",
@@ -144,6 +143,6 @@ def test_unknown_keys_get_one_line_with_the_closest_valid_key(capsys):
 
     assert "did you mean threshold?" in override_problem(["threshhold=top20"])
     assert "did you mean lime.seed?" in override_problem(["-m", "lime.sed=1,2"])
-    assert main(["threshhold=top20"]) == 2  # valid overrides: tests/test_messages.py
+    assert main(["threshhold=top20"]) == 2  # valid overrides: tests/app/test_messages.py
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("xai-exp: unknown config key 'threshhold'")

@@ -6,33 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_models import smooth_image, tiny_classifier
+from tiny_models import SMOOTH_ITEMS, smooth_item, tiny_classifier
+from tiny_models import smooth_study_config as config
 
 from xai_exp.cache import ExplanationCache
-from xai_exp.config import ConfigError, LimeConfig, MethodConfig, StudyConfig, ThresholdConfig
-from xai_exp.data.images import ImageItem
+from xai_exp.config import ConfigError
 from xai_exp.study.pipeline import Study, run_study
 
-
-def item(name: str, seed: int) -> ImageItem:
-    return ImageItem(name, name, smooth_image(seed=seed), f"hash-{name}", name)
-
-
-def config(fraction: float = 0.1, **lime) -> StudyConfig:
-    # hidden superpixels black: on these smooth images a mean-colour superpixel hides nothing,
-    # and LIME's weights would be ~1e-32 (flagged as all zero)
-    lime_cfg = LimeConfig(num_samples=40, batch_size=16, **{"hide_color": 0, **lime})
-    lime_cfg.segmentation.algorithm = "slic"
-    lime_cfg.segmentation.params = {"n_segments": 16, "compactness": 10, "start_label": 0}
-    return StudyConfig(
-        method=MethodConfig(name="gradcam"),
-        threshold=ThresholdConfig(cam_top_fraction=fraction),
-        lime=lime_cfg,
-        progress=False,
-    )
-
-
-IMAGES = [item("a", 2), item("b", 6)]  # both with positive LIME superpixels for seeds 0-2
+IMAGES = SMOOTH_ITEMS
 
 
 def test_threshold_change_reuses_every_explanation(tmp_path):
@@ -109,7 +90,7 @@ def test_a_cam_with_little_signal_gives_the_signal_as_mask_and_says_so(monkeypat
 
 
 def test_one_failing_image_does_not_lose_the_others():
-    broken = dataclasses.replace(item("broken", 3), image=np.zeros((0, 0, 3), np.uint8))
+    broken = dataclasses.replace(smooth_item("broken", 3), image=np.zeros((0, 0, 3), np.uint8))
     study = Study(config(), tiny_classifier(), ExplanationCache(enabled=False))
     seen = []
     results = run_study(

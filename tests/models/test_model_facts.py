@@ -11,7 +11,8 @@ import subprocess
 import pytest
 import torch
 from conftest import TINY_STUDY, study_command
-from test_pipeline import IMAGES, config
+from tiny_models import SMOOTH_ITEMS as IMAGES
+from tiny_models import smooth_study_config as config
 from tiny_models import tiny_classifier
 
 from xai_exp.app.job import check_config

@@ -106,7 +106,7 @@ FORGERIES = _forgeries()
 
 
 def _study_config():
-    from test_pipeline import config
+    from tiny_models import smooth_study_config as config
 
     cfg = config(0.1)
     cfg.inference.engine = "torch"
@@ -135,7 +135,7 @@ def _outcome(results) -> list[str]:
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
     """A clean run's cache folder and outcome (metrics beyond IoU on: every kind of entry)."""
-    from test_pipeline import IMAGES
+    from tiny_models import SMOOTH_ITEMS as IMAGES
     from tiny_models import tiny_classifier
 
     from xai_exp.study.pipeline import Study, run_study
@@ -155,7 +155,7 @@ def test_a_forged_entry_with_a_valid_checksum_is_discarded_and_recomputed(
 ):
     import shutil
 
-    from test_pipeline import IMAGES
+    from tiny_models import SMOOTH_ITEMS as IMAGES
     from tiny_models import tiny_classifier
 
     from xai_exp.study.pipeline import Study, run_study

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_STUDY, study_command
+from conftest import REPO_ROOT, TINY_STUDY, study_command
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from tiny_models import smooth_image, tiny_classifier
@@ -290,7 +290,7 @@ def test_a_process_with_a_read_stuck_for_good_still_exits(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(data_module.__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "1"]
@@ -389,7 +389,7 @@ def _peak_rss_mb(folder: Path, max_file_mb: float = 200, *budget: int) -> tuple[
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(data_module.__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert done.returncode == 0, done.stderr
     peak, rest = done.stdout.split(" ", 1)

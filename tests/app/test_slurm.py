@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from tiny_models import smooth_image
 
-from xai_exp.data import list_folder, select
+from xai_exp.data.images import list_folder, select
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -333,7 +333,7 @@ def test_launcher_defaults_fit_a_cpu_partition():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from xai_exp.app import config_dir, register_configs
+    from xai_exp.app.hydra_app import config_dir, register_configs
 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     register_configs()

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 from xai_exp.app import startup, versions
 from xai_exp.app.hydra_app import main, override_problem
 from xai_exp.app.overrides import expand_home
 from xai_exp.models import hub
 
-RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+RUN_PY = REPO_ROOT / "run.py"
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import pytest
-from conftest import TINY_STUDY
+from conftest import REPO_ROOT, TINY_STUDY
 from omegaconf import OmegaConf
 
 from xai_exp.app.hydra_app import compose_config
@@ -150,7 +149,7 @@ def test_lime_presets_carry_only_their_own_segmentation_parameters():
 
 
 def test_config_files_hold_only_what_differs_from_the_schema():
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = REPO_ROOT / "conf"
     schema = StudyConfig()
     for group in ("method", "threshold", "metrics", "tracking", "cache", "model", "data"):
         defaults = getattr(schema, group)

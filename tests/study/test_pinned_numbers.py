@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import RUN_PY
+from conftest import REPO_ROOT, RUN_PY
 
-PINNED = Path(__file__).parent / "pinned"
+PINNED = REPO_ROOT / "tests" / "pinned"
 pytestmark = pytest.mark.slow
 
 
