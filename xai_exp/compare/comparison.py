@@ -223,13 +223,24 @@ def _is_setting(key: str) -> bool:
     )
 
 
+REFERENCE_PARAMS = "reference.params"  # logged flat: reference.params.num_masks=2000, ...
+
+
 def run_settings(run: Run) -> dict[str, Any]:
-    """Every setting of a run that changes results, from its params (short names aliased)."""
+    """Every setting of a run that changes results, from its params (short names aliased;
+    the reference explainer's params as one setting, ``reference_params``)."""
+    params = run.data.params
     settings = {
         ALIASES.get(key, key): _parse(value)
-        for key, value in run.data.params.items()
-        if _is_setting(key)
+        for key, value in params.items()
+        if _is_setting(key) and not key.startswith(REFERENCE_PARAMS)
     }
+    chosen = sorted(
+        (key.removeprefix(f"{REFERENCE_PARAMS}."), value)
+        for key, value in params.items()
+        if key.startswith(f"{REFERENCE_PARAMS}.")
+    )
+    settings["reference_params"] = ", ".join(f"{key}={value}" for key, value in chosen)
     settings.setdefault("method", run.data.tags.get("method") or "unknown")
     settings.setdefault("reference", "lime")  # runs from before `reference=` compared with LIME
     settings.setdefault("cam_top_fraction", math.nan)
@@ -255,8 +266,17 @@ def shown_settings(frame: pd.DataFrame) -> list[str]:
     """The settings to show: method and threshold always, any other only when it varies."""
     keys = [c for c in frame.columns if c not in ("run_id", "run_status", "run_start")]
     varying = [k for k in keys if k not in ALWAYS_SHOWN and _distinct(frame[k]) > 1]
+    if "reference_params" in varying and _implied(frame, "reference_params", "reference"):
+        varying.remove("reference_params")  # each reference's own defaults: its name says it
     first = [k for k in ("lime_mode", "lime_samples") if k in varying]
     return [*ALWAYS_SHOWN, *first, *sorted(k for k in varying if k not in first)]
+
+
+def _implied(frame: pd.DataFrame, key: str, by: str) -> bool:
+    """Each value of `by` goes with one value of `key` in the frame."""
+    if by not in frame:
+        return False
+    return all(_distinct(group) <= 1 for _, group in frame.groupby(frame[by].map(repr))[key])
 
 
 def _distinct(series: pd.Series) -> int:
