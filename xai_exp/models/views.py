@@ -9,7 +9,8 @@ truncated; the same size: unchanged), `Resize((s, s))` (timm's `crop_mode=squash
 themselves (`resize`) are read off the libraries' transform objects when the model is built
 (xai_exp/models/classifier.py). tests/models/test_views.py compares the pixels with timm's
 `create_transform` and torchvision's `weights.transforms()` on odd sizes. `square` is
-xai-exp's own view (the full centre square, bicubic, long side rounded, offsets floored), kept as it always was.
+xai-exp's own view (the full centre square, bicubic, long side rounded, offsets floored),
+kept as it always was.
 """
 
 from __future__ import annotations
