@@ -198,11 +198,18 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
         bar.set_label(f"{result.reference} weight: red for, blue against the class")
     elif "reference_map" in arrays:
         values = arrays["reference_map"]
-        limit = float(np.abs(values).max()) or 1.0
+        low, high = float(values.min()), float(values.max())
         axes[2].imshow(image)
-        shown = axes[2].imshow(values, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
+        if low >= 0:  # one sign (RISE, a CAM): its own range, as the CAM panel shows a CAM
+            shown = axes[2].imshow(values, cmap="jet", alpha=0.5, vmin=low, vmax=max(high, low))
+            label = f"{result.reference} (higher: more important)"
+        else:  # signed attributions: white at zero; a few extreme pixels (Integrated
+            # Gradients) would wash out the rest, so the scale stops at the 99th percentile
+            limit = float(np.percentile(np.abs(values), 99)) or max(abs(low), abs(high)) or 1.0
+            shown = axes[2].imshow(values, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
+            label = f"{result.reference}: red for, blue against\n(scale: 99th percentile of |value|)"
         bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
-        bar.set_label(f"{result.reference}: red for, blue against the class")
+        bar.set_label(label)
     seed = f" (seed {result.lime_seeds[0]})" if len(result.lime_seeds) > 1 else ""
     kind = "superpixel weights" if "segments" in arrays else "map"
     axes[2].set_title(plain_text(f"{result.reference} {kind}{seed}"))
