@@ -14,7 +14,7 @@ from xai_exp.cache import ExplanationCache
 from xai_exp.config import LimeConfig, StudyConfig
 from xai_exp.data.images import ImageItem
 from xai_exp.explain import superpixels
-from xai_exp.study import pipeline
+from xai_exp.study import pipeline, steps
 from xai_exp.study.pipeline import Study, run_study
 from xai_exp.study.steps import superpixel_worker_count
 
@@ -50,7 +50,7 @@ def test_workers_give_the_inline_superpixels_and_results(tmp_path, monkeypatch):
     def not_here(*_args, **_kwargs):
         raise AssertionError("superpixels computed in the main process")
 
-    monkeypatch.setattr(pipeline, "segment", not_here)
+    monkeypatch.setattr(steps, "segment", not_here)
     study, pooled = _run(2, ExplanationCache(tmp_path / "pooled"))
     assert study.prefetch_depth == 4
     assert [r.status for r in pooled] == [r.status for r in inline]
