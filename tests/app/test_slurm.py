@@ -241,7 +241,8 @@ def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen) -
 def test_time_limit_and_preemption_kill_then_requeue_and_resume(server, tmp_path):
     sweep_dir = tmp_path / "sweep"
     study = [o for o in TINY_STUDY if not o.startswith("data.limit")]
-    study += ["data.limit=6", "lime.num_samples=400"]  # 6 images, a second or more each
+    # 6 images of a few seconds each: both jobs are still mid-study when they are signalled
+    study += ["data.limit=6", "lime.num_samples=4000"]
     command = sweep_command(tmp_path, server.url, "slurm-preempt", *study,
                             "method=gradcam,hirescam")  # fmt: skip
     sweep = subprocess.Popen(

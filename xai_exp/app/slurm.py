@@ -4,6 +4,10 @@ Where the sweep is submitted (`SlurmConsole`, a Hydra callback): submitit reads 
 with `sacct`; a cluster without accounting makes every poll print the same warnings three
 times. There, states are read with `squeue` instead and one line says so.
 
+A job that fails does not end the sweep while others run (`wait_for_every_job`): Hydra's
+launcher raises the first failure it reads, so a job requeued after a preemption would finish
+with no one waiting for it; the sweep now waits for every job, then reports the failure.
+
 In a job (`take_over_signals`, `end_of_job`): submitit ignores SIGTERM and turns USR2 (sent
 `signal_delay_s` before the time limit, or by `scancel --signal=USR2`) into a requeue that
 exits at once, in the middle of the study. Here both stop the study as an interrupt, so the
@@ -164,6 +168,42 @@ def quiet_submitit() -> None:
     log.info("SLURM accounting is off (sacct: %s): job states are read with squeue", problem)
 
 
+POLL_S = 2.0  # how often the sweep asks SLURM whether its remaining jobs have ended
+
+
+def _wait_for_registered_jobs() -> None:
+    """Until every SLURM job this process submitted has ended (requeued ones included)."""
+    import time
+
+    from submitit.slurm.slurm import SlurmJob
+
+    watcher = SlurmJob.watcher
+    while True:
+        waiting = watcher._registered - watcher._finished
+        if all(watcher.is_done(job, mode="standard") for job in waiting):
+            return
+        time.sleep(POLL_S)
+
+
+def wait_for_every_job() -> None:
+    """Make the SLURM launcher wait for all of a sweep's jobs before it reports a failed one."""
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+    launch = BaseSubmititLauncher.launch
+    if getattr(launch, "waits_for_every_job", False):
+        return
+
+    def launch_and_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return launch(self, *args, **kwargs)
+        except Exception:
+            _wait_for_registered_jobs()  # a requeued job finishes under the sweep
+            raise
+
+    launch_and_wait.waits_for_every_job = True  # type: ignore[attr-defined]
+    BaseSubmititLauncher.launch = launch_and_wait
+
+
 def is_slurm_launcher(config: DictConfig) -> bool:
     """True when the sweep's jobs go to SLURM (hydra/launcher=slurm or submitit_slurm)."""
     target = str(config.hydra.launcher.get("_target_", ""))
@@ -176,3 +216,4 @@ class SlurmConsole(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_slurm_launcher(config):
             quiet_submitit()
+            wait_for_every_job()
