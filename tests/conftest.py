@@ -378,6 +378,13 @@ TINY_STUDY = [
 ]
 
 
+def restore_default_signals() -> None:
+    """Python's own handlers for SIGTERM, SIGHUP and SIGINT (after a test installed ours)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def sigint_as_default() -> None:
     """Popen's preexec_fn: Ctrl-C reaches the child as at a terminal. A shell that starts the
     tests in the background (``.ci/run &``) ignores SIGINT, and children inherit that."""

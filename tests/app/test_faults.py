@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TINY_STUDY, start_interruptible, study_command
+from conftest import TINY_STUDY, restore_default_signals, start_interruptible, study_command
 from mlflow.tracking import MlflowClient
 from tiny_models import smooth_image, tiny_classifier
 
@@ -522,12 +522,6 @@ def test_an_interrupt_while_a_run_is_created_arrives_after_it():
         assert finished[-1] == "cleaned up"
     finally:
         restore_default_signals()
-
-
-def restore_default_signals() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def job_free_press(sig: int) -> None:

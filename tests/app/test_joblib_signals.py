@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PARENT_TAG, TINY_STUDY, sigint_as_default, study_command
+from conftest import (
+    PARENT_TAG,
+    TINY_STUDY,
+    restore_default_signals,
+    sigint_as_default,
+    study_command,
+)
 from mlflow.tracking import MlflowClient
 
 from xai_exp.app import signals
@@ -173,9 +179,7 @@ def fresh_signals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, i
     try:
         yield sent
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore_default_signals()
 
 
 def land(sig: int) -> None:
