@@ -6,6 +6,7 @@ cache, and checks what the user finds afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -618,3 +619,23 @@ def test_an_output_folder_under_a_file_is_one_line_and_exit_code_2(tmp_path):
         f"xai-exp: cannot write the output folder {blocker}/run (hydra.run.dir): Not a directory; "
         "set hydra.run.dir=PATH to a writable folder"
     )
+
+
+def test_an_interrupt_python_ignored_is_raised_again_at_the_next_check():
+    """A signal's interrupt raised while Python runs a finaliser or weakref callback is printed
+    and ignored; `signals.check` (the job calls it after each image) raises it again."""
+    from xai_exp.app import signals
+
+    def swallowed_press() -> None:  # as Python does: "Exception ignored in ...", and go on
+        with contextlib.suppress(signals.Terminated):
+            job_free_press(signal.SIGTERM)
+
+    signals.install()
+    try:
+        with signals.interruptible():
+            swallowed_press()
+            with pytest.raises(signals.Terminated, match="SIGTERM"):
+                signals.check()
+        signals.check()  # the block is closed: nothing left to raise
+    finally:
+        restore_default_signals()

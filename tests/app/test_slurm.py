@@ -252,13 +252,20 @@ def test_time_limit_and_preemption_kill_then_requeue_and_resume(server, tmp_path
     try:
         _wait_for(lambda: len(_job_ids(sweep_dir)) == 2, 120, "both jobs were submitted", sweep)
         jobs = _job_ids(sweep_dir)
-        for task in (0, 1):  # both mid-study: some images done, not all
-            _wait_for(lambda t=task: _rows(sweep_dir / str(t) / "results.csv") >= 2, 240,
-                      f"job {task} finished two images", sweep)  # fmt: skip
-        # job 0: SIGTERM (the time limit itself, or scancel): KILLED, not requeued
-        subprocess.run(["scancel", "--signal=TERM", jobs[0]], check=True, timeout=30)
-        # job 1: USR2, submitit's preemption signal: KILLED, requeued, resumed
-        subprocess.run(["scancel", "--signal=USR2", jobs[1]], check=True, timeout=30)
+        # job 0: SIGTERM (the time limit itself, or scancel): KILLED, not requeued;
+        # job 1: USR2, submitit's preemption signal: KILLED, requeued, resumed. Each is sent
+        # as soon as its job has two images done, so both are mid-study however the two
+        # jobs share the CPUs
+        signals_for = {0: "--signal=TERM", 1: "--signal=USR2"}
+
+        def two_done() -> list[int]:
+            return [t for t in signals_for if _rows(sweep_dir / str(t) / "results.csv") >= 2]
+
+        while signals_for:
+            _wait_for(lambda: bool(two_done()), 240, "a job finished two images", sweep)
+            for task in two_done():
+                subprocess.run(["scancel", signals_for.pop(task), jobs[task]], check=True,
+                               timeout=30)  # fmt: skip
         # SLURM holds a requeued job for 121 s (EligibleTime); release it at once
         _wait_for(lambda: _state(jobs[1]) == "PENDING", 120, "job 1 was requeued", sweep)
         subprocess.run(["scontrol", "update", f"JobId={jobs[1]}", "StartTime=now"],

@@ -16,13 +16,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
+from xai_exp.app import signals
 from xai_exp.app.signals import deferred
 from xai_exp.app.sweep import read_parent_marker
 from xai_exp.cache import CACHE_DIR_TAG, ExplanationCache
@@ -619,7 +620,7 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         seconds: dict[str, float] = {}  # loading: from the job's (process's) start
         if context.started is not None:
             seconds["loading"] = time.perf_counter() - context.started
-        results = run_study(job.study, job.images, job.writer, cfg.progress, seconds)
+        results = run_study(job.study, job.images, checked(job.writer), cfg.progress, seconds)
         summary = finish(job, results, seconds)
         report(job, results, summary)
         return summary["mean_iou"]
@@ -628,6 +629,17 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         raise
     finally:
         close(job, error)
+
+
+def checked(writer: ResultsWriter) -> Callable[[int, ImageResult], None]:
+    """The writer, then a check for an interrupt that a signal raised where Python ignored it
+    (`signals.check`): it stops the study at the next image instead of never."""
+
+    def write(index: int, result: ImageResult) -> None:
+        writer(index, result)
+        signals.check()
+
+    return write
 
 
 def prepare(cfg: StudyConfig, context: JobContext) -> Job:

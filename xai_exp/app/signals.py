@@ -56,6 +56,7 @@ class WorkerInterrupted(Exception):  # noqa: N818 - it reports an interrupt, it 
 
 
 _pending: list[str] = []  # signals received outside an interruptible block, oldest first
+_raised: list[str] = []  # signals raised inside the open interruptible block
 _depth = 0  # how many interruptible blocks are open
 _preempt: str | None = None  # the preemption signal's name, in a SLURM job (`install`)
 preempted = False  # the preemption signal arrived: later SIGTERMs are ignored
@@ -89,6 +90,7 @@ def _on_signal(number: int, _frame: object) -> None:
         return
     if _depth > 0:  # inside a job of this process: at once
         _pending.clear()
+        _raised.append(name)  # `check` raises it again if it landed where Python ignores it
         raise interrupt(name)
     if _stopping_since is not None:  # the workers close their runs: repeats and copies wait
         if time.monotonic() - _stopping_since < GRACE_S:
@@ -201,6 +203,15 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
+        _raised.clear()
+
+
+def check() -> None:
+    """Raise again an interrupt that a signal raised inside the block but that never reached
+    it: one raised while Python ran a finaliser or a weakref callback is printed and ignored
+    ("Exception ignored in ..."). Call it between units of work (the job does, per image)."""
+    if _raised:
+        raise interrupt(_raised[-1])
 
 
 @contextlib.contextmanager

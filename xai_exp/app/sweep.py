@@ -245,8 +245,12 @@ class MlflowSweepCallback(Callback):
         # a KILLED child that a requeued job resumed (tag resumed_by) is not a stopped job
         stopped = [c for c in children
                    if c.info.status == "KILLED" and "resumed_by" not in c.data.tags]  # fmt: skip
-        killed = interrupted or bool(stopped)
-        status = "FAILED" if failed or refused else "KILLED" if killed else "FINISHED"
+        # an interrupt ends the sweep KILLED whatever its jobs did (a job the signal caught
+        # mid-start fails as it goes); otherwise a failed job fails it, a stopped one kills it
+        if interrupted:
+            status = "KILLED"
+        else:
+            status = "FAILED" if failed or refused else "KILLED" if stopped else "FINISHED"
         parent.finish(status)
         if parent.lost is not None:
             self._lost(parent)

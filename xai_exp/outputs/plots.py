@@ -17,9 +17,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from xai_exp.files import atomic_path
 from xai_exp.evaluate.overlap import chance_corrected, iou
 from xai_exp.evaluate.results import ImageResult
+from xai_exp.files import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -207,7 +207,7 @@ def overlay_figure(result: ImageResult, method: str, random_weights: bool = Fals
             # Gradients) would wash out the rest, so the scale stops at the 99th percentile
             limit = float(np.percentile(np.abs(values), 99)) or max(abs(low), abs(high)) or 1.0
             shown = axes[2].imshow(values, cmap="RdBu_r", alpha=0.55, vmin=-limit, vmax=limit)
-            label = f"{result.reference}: red for, blue against\n(scale: 99th percentile of |value|)"
+            label = f"{result.reference}: red for, blue against\n(scale: 99th pct. of |value|)"
         bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
         bar.set_label(label)
     seed = f" (seed {result.lime_seeds[0]})" if len(result.lime_seeds) > 1 else ""

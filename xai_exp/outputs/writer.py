@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from xai_exp.outputs import plots
 from xai_exp.cache import ExplanationCache
 from xai_exp.config import PlotsConfig, StudyConfig
 from xai_exp.data.images import SkippedFile
+from xai_exp.evaluate.results import ImageResult, Status, csv_columns
 from xai_exp.files import atomic_path, atomic_write_text
 from xai_exp.models.facts import ModelFacts
-from xai_exp.evaluate.results import ImageResult, Status, csv_columns
 from xai_exp.models.threads import inference_threads
+from xai_exp.outputs import plots
 
 if TYPE_CHECKING:
     from xai_exp.evaluate.faithfulness import FaithfulnessCurves
