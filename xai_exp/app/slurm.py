@@ -137,7 +137,8 @@ def _squeue_watcher(watcher: Any) -> None:
         if not watcher._registered - watcher._finished:
             return None
         user = getpass.getuser()
-        return ["squeue", "--noheader", "--array", "-u", user, "-o", "%i|%T|%N"]
+        # every state: a job being requeued (REQUEUED, REQUEUE_HOLD) is not listed by default
+        return ["squeue", "--noheader", "--array", "--states=all", "-u", user, "-o", "%i|%T|%N"]
 
     def read_info(output: bytes | str) -> dict[str, dict[str, str]]:
         text = output.decode() if isinstance(output, bytes) else output
@@ -145,6 +146,7 @@ def _squeue_watcher(watcher: Any) -> None:
         for line in text.splitlines():
             job, state, nodes = ([*line.strip().split("|"), "", ""])[:3]
             if job:
+                state = "REQUEUED" if state.startswith("REQUEUE") else state  # not done yet
                 info[job] = {"JobID": job, "State": state, "NodeList": nodes}
         for job in watcher._registered - watcher._finished:
             info.setdefault(job, {"JobID": job, "State": "ENDED", "NodeList": ""})
