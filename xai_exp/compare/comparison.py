@@ -41,7 +41,6 @@ from xai_exp.compare.method_agreement import (
     ExplainerMaps,
     MapSource,
     agreement_matrix,
-    explainer_label,
 )
 from xai_exp.compare.report import (
     GalleryItem,
@@ -68,6 +67,7 @@ from xai_exp.evaluate.statistics import (
     mean_interval,
     paired_difference,
 )
+from xai_exp.explain.registry import display_name
 from xai_exp.files import atomic_write_text
 from xai_exp.outputs import plots
 from xai_exp.outputs.writer import KEYS_CSV, inert_frame, plain_cell
@@ -300,7 +300,7 @@ def comparison_title(frame: pd.DataFrame, most: int = 6) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     methods = " vs ".join(str(m) for m in values("method")) or "CAM"
-    references = " vs ".join("LIME" if r == "lime" else str(r) for r in values("reference"))
+    references = " vs ".join(display_name(str(r)) for r in values("reference"))
     varying = [
         k
         for k in shown_settings(frame)
@@ -325,7 +325,7 @@ def comparison_title(frame: pd.DataFrame, most: int = 6) -> str:
         random = weights == ["null"] and values("model.checkpoint") in ([], ["null"])
         shared.append(f"{archs[0]}{' (random weights)' if random else ''}")
     where = f" on {', '.join(shared)}" if shared else ""
-    versus = f"{methods} vs {references or 'LIME'}"
+    versus = f"{methods} vs {references or display_name('lime')}"
     return versus + (": " + "; ".join(parts) if parts else "") + where
 
 
@@ -868,7 +868,7 @@ def method_agreement(client: MlflowClient, comparison: Comparison, workdir: Path
                 cache = caches.setdefault(folder, ExplanationCache(folder))
                 found[image] = MapSource(cache, keys[run_id][image])
             cams.setdefault(rows_method(rows, runs), ExplainerMaps(found, "cam"))
-            references.setdefault(explainer_label(reference), ExplainerMaps(found, "reference"))
+            references.setdefault(display_name(reference), ExplainerMaps(found, "reference"))
         sources = {name: cams[name] for name in sorted(cams)}  # CAMs first, then references
         sources.update({k: references[k] for k in sorted(references) if k not in sources})
         if len(sources) < 3:  # one CAM and one reference: the table's own IoU says it

@@ -21,8 +21,9 @@ from xai_exp.cache import ExplanationCache
 from xai_exp.evaluate.agreement import rank_correlation
 from xai_exp.evaluate.masks import DegenerateMapError, cam_top_fraction_mask, lime_weight_map
 from xai_exp.evaluate.overlap import iou
+from xai_exp.explain.registry import display_name
 
-LIME = "LIME"
+LIME = display_name("lime")
 MATRIX_COLUMNS = ("a", "b", "images", "mean_top_f_iou", "mean_spearman")
 # where a run's reference explanation is (explanation_keys.csv's `reference` column): LIME's
 # weights, a registered explainer's weights or map, or a CAM's map
@@ -32,11 +33,6 @@ _REFERENCE_KINDS = (
     ("explainer", "map"),
     ("cam", "cam"),
 )
-
-
-def explainer_label(name: str) -> str:
-    """The name an explainer has in the matrix (LIME as the reports write it)."""
-    return LIME if name == "lime" else name
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from xai_exp.explain.registry import ExplainerSpec, Family, Inputs, Output, register
+from xai_exp.explain.registry import (
+    FORWARD_CODE,
+    NETWORK_CODE,
+    VIEW_CODE,
+    ExplainerSpec,
+    Family,
+    Inputs,
+    Output,
+    register,
+)
 
-# what every step starts from: the decoded image and the model's view and normalisation
-_VIEW = ("xai_exp.data.images", "xai_exp.models.views")
-_NETWORK = ("xai_exp.models.classifier", "xai_exp.models.architectures")
-_FORWARD = ("xai_exp.models.inference", "xai_exp.models.onnx_engine")  # the forward-pass engine
-LIME_CODE = (*_VIEW, *_NETWORK, *_FORWARD, "xai_exp.explain.lime")
-_CAPTUM = (*_VIEW, *_NETWORK, "xai_exp.explain.captum_methods", "xai_exp.explain.builtin")
+LIME_CODE = (*VIEW_CODE, *NETWORK_CODE, *FORWARD_CODE, "xai_exp.explain.lime")
+_CAPTUM = (*VIEW_CODE, *NETWORK_CODE, "xai_exp.explain.captum_methods", "xai_exp.explain.builtin")
 
 
 def _positive(*names: str) -> Callable[[Mapping[str, Any]], str | None]:
@@ -103,7 +108,7 @@ register(
         Family.PERTURBATION,
         Output.SUPERPIXELS,
         libraries=("torch", "captum"),
-        code=(*_CAPTUM, *_FORWARD, "xai_exp.explain.lime"),
+        code=(*_CAPTUM, *FORWARD_CODE, "xai_exp.explain.lime"),
         forward_only=True,
         description="Captum's KernelShap over LIME's superpixels, hidden as LIME hides them",
         compute=_calls("kernel_shap", superpixels=True, seeded=True),
@@ -117,7 +122,7 @@ register(
         Family.PERTURBATION,
         Output.PIXELS,
         libraries=("torch", "captum"),
-        code=(*_CAPTUM, *_FORWARD),
+        code=(*_CAPTUM, *FORWARD_CODE),
         forward_only=True,
         description="Captum's Occlusion: a sliding square window of `baseline`",
         compute=_calls("occlusion"),
@@ -145,7 +150,7 @@ register(
         Family.PERTURBATION,
         Output.PIXELS,
         libraries=("torch",),
-        code=(*_VIEW, *_NETWORK, *_FORWARD, "xai_exp.explain.rise"),
+        code=(*VIEW_CODE, *NETWORK_CODE, *FORWARD_CODE, "xai_exp.explain.rise"),
         forward_only=True,
         description="RISE (Petsiuk et al., 2018): random low-resolution masks, weighted sum",
         compute=_calls("rise", "xai_exp.explain.rise", seeded=True),

@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xai_exp.explain.registry import TRANSFORMERS, ExplainerSpec, Family, Output, register
+from xai_exp.explain.registry import (
+    NETWORK_CODE,
+    TRANSFORMERS,
+    VIEW_CODE,
+    ExplainerSpec,
+    Family,
+    Output,
+    register,
+)
 
 if TYPE_CHECKING:  # torch loads with the model, not when a fully cached run starts
     import torch
@@ -44,13 +52,7 @@ _TRANSFORMER_LIMITS = {
 }
 # the modules whose code computes a CAM map (the fast path and the forward-pass engine are
 # added to a key where they run: `xai_exp.study.pipeline`)
-CAM_CODE = (
-    "xai_exp.data.images",
-    "xai_exp.models.views",
-    "xai_exp.models.classifier",
-    "xai_exp.models.architectures",
-    "xai_exp.explain.cam",
-)
+CAM_CODE = (*VIEW_CODE, *NETWORK_CODE, "xai_exp.explain.cam")
 for _name, _class in CAM_METHODS.items():
     register(
         ExplainerSpec(

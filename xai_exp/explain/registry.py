@@ -76,6 +76,18 @@ class Inputs:
 
 TRANSFORMERS = ("vit", "swin")  # model families whose target layer holds tokens
 
+# Modules whose code goes into cache keys, by what they do (an explainer's `code` adds its own):
+# the decoded image and the model's view every step starts from, the network (normalisation,
+# token reshape), and the logits-only forward passes
+VIEW_CODE = ("xai_exp.data.images", "xai_exp.models.views")
+NETWORK_CODE = ("xai_exp.models.classifier", "xai_exp.models.architectures")
+FORWARD_CODE = ("xai_exp.models.inference", "xai_exp.models.onnx_engine")
+
+
+def display_name(name: str) -> str:
+    """An explainer's name as figures, titles and the agreement matrix write it."""
+    return "LIME" if name == "lime" else name
+
 
 @dataclass(frozen=True)
 class ExplainerSpec:

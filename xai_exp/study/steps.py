@@ -26,7 +26,18 @@ from xai_exp.config import (
 )
 from xai_exp.data.images import ImageItem
 from xai_exp.data.labels import ClassIndex
-from xai_exp.explain.registry import ExplainerSpec, Inputs, Output, explainer
+from xai_exp.explain.builtin import LIME_CODE
+from xai_exp.explain.cam import CAM_CODE
+from xai_exp.explain.registry import (
+    FORWARD_CODE,
+    NETWORK_CODE,
+    VIEW_CODE,
+    ExplainerSpec,
+    Inputs,
+    Output,
+    display_name,
+    explainer,
+)
 from xai_exp.explain.superpixels import SuperpixelWorkers, segment
 from xai_exp.models.facts import DeferredClassifier
 from xai_exp.models.threads import cpu_share
@@ -47,22 +58,14 @@ VIEW_VERSION = 2  # of the model's view in cache keys (2: its library's transfor
 # The modules whose code computes each cached step: their source is part of the step's keys
 # (`cache.code_digest`), so editing them recomputes its entries and editing others does not.
 # A step that depends on another's entry has that entry's key (and so its code) in its own.
-# the decoded image (orientation, bit depth) and the explained view (resize, crop) every step
-# starts from
-_VIEW = ("xai_exp.data.images", "xai_exp.models.views")
-_NETWORK = (
-    "xai_exp.models.classifier",
-    "xai_exp.models.architectures",
-)  # normalisation, token reshape
-_FORWARD = ("xai_exp.models.inference", "xai_exp.models.onnx_engine")  # logits-only forward passes
 STEP_CODE: dict[str, tuple[str, ...]] = {
-    "prediction": (*_VIEW, "xai_exp.models.classifier"),
-    "cam": (*_VIEW, *_NETWORK, "xai_exp.explain.cam"),
+    "prediction": (*VIEW_CODE, "xai_exp.models.classifier"),
+    "cam": CAM_CODE,  # the CAM methods' registered code
     "fast cam": ("xai_exp.explain.fast_cam",),  # added where the fast path runs
-    "segments": (*_VIEW, "xai_exp.explain.superpixels"),
-    "lime": (*_VIEW, *_NETWORK, *_FORWARD, "xai_exp.explain.lime"),
-    "faithfulness": (*_NETWORK, *_FORWARD, "xai_exp.evaluate.faithfulness"),
-    "sanity": (*_NETWORK, "xai_exp.evaluate.sanity", "xai_exp.evaluate.agreement"),
+    "segments": (*VIEW_CODE, "xai_exp.explain.superpixels"),
+    "lime": LIME_CODE,  # LIME's registered code
+    "faithfulness": (*NETWORK_CODE, *FORWARD_CODE, "xai_exp.evaluate.faithfulness"),
+    "sanity": (*NETWORK_CODE, "xai_exp.evaluate.sanity", "xai_exp.evaluate.agreement"),
 }
 
 
@@ -71,7 +74,7 @@ def _version(versions: dict[str, str], name: str) -> str:
     if name not in versions:
         try:
             versions[name] = version(name)
-        except Exception:  # noqa: BLE001 - not installed: the explainer fails when it runs
+        except Exception:  # noqa: BLE001 - an uninstalled checkout still runs
             versions[name] = "unknown"
     return versions[name]
 
@@ -84,12 +87,9 @@ def step_code(*steps: str) -> str:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose output we cache and log."""
     names = ("torch", "torchvision", "grad-cam", "lime", "scikit-image", "onnxruntime", "xai-exp")
-    found = {}
+    found: dict[str, str] = {}
     for name in names:
-        try:
-            found[name] = version(name)
-        except Exception:  # noqa: BLE001 - an uninstalled checkout still runs
-            found[name] = "unknown"
+        _version(found, name)
     return found
 
 
@@ -253,7 +253,7 @@ class CachedSteps:
             )
         self.reference = explainer(cfg.reference.name)
         self.reference_params = self.reference.with_params(cfg.reference.params)
-        self.reference_label = "LIME" if self.reference.name == "lime" else self.reference.name
+        self.reference_label = display_name(self.reference.name)
         superpixels = self.reference.name == "lime" or self.reference.output == Output.SUPERPIXELS
         workers = superpixel_worker_count(cfg.inference.workers, facts.device.split(":")[0])
         workers = workers if superpixels else 0
@@ -393,7 +393,7 @@ class CachedSteps:
                 [
                     *STEP_CODE["cam"],
                     *(STEP_CODE["fast cam"] if fast else ()),
-                    *(_FORWARD if fast and forward_only else ()),
+                    *(FORWARD_CODE if fast and forward_only else ()),
                 ]
             ),
             **self._engine_key(forward_only),
