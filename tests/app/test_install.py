@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
+PACKAGE = REPO_ROOT / "xai_exp"
+
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -33,6 +35,8 @@ def test_wheel_ships_conf_and_runs_studies_from_any_directory(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in REPO_ROOT.glob("conf/**/*.yaml"):
         assert f"xai_exp/{config.relative_to(REPO_ROOT).as_posix()}" in names
+    modules = sorted(p.relative_to(REPO_ROOT).as_posix() for p in PACKAGE.rglob("*.py"))
+    assert [m for m in modules if m not in names] == []  # every wing ships
 
     site = tmp_path / "site"
     _run(
@@ -47,6 +51,17 @@ def test_wheel_ships_conf_and_runs_studies_from_any_directory(tmp_path):
         [sys.executable, "-c", "import xai_exp; print(xai_exp.__file__)"], elsewhere, env
     )
     assert Path(package.strip()).is_relative_to(site)
+    # every module imports from the installed copy: the checkout's editable install must not
+    # fill in what the wheel lacks
+    files = PACKAGE.rglob("*.py")
+    names = [".".join(p.relative_to(REPO_ROOT).with_suffix("").parts) for p in files]
+    where = _run(
+        [sys.executable, "-c", f"import importlib\nfor n in {names!r}:\n"
+         "    print(importlib.import_module(n.removesuffix('.__init__')).__file__)"],
+        elsewhere, env,
+    )  # fmt: skip
+    outside = [line for line in where.splitlines() if not Path(line).is_relative_to(site)]
+    assert outside == []
 
     shown = _run(
         [str(site / "bin" / "xai-exp"), "run", "--cfg", "job", "method=scorecam"], elsewhere, env
