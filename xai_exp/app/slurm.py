@@ -24,8 +24,10 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -77,6 +79,8 @@ def end_of_job(error: KeyboardInterrupt) -> str:
     if signals.preempted and _submitit_handler is not None:
         try:
             _submitit_handler(getattr(signal, preempt_signal()), None)  # requeue: SystemExit
+        except SystemExit as requeued:  # SLURM reruns the job: free the node at once
+            _exit_now(requeued.code)
         except Exception as refused:  # noqa: BLE001 - submitit's UncompletedJobError
             text = str(refused).removeprefix("Job not requeued because: ").rstrip(".")
             return (
@@ -88,6 +92,16 @@ def end_of_job(error: KeyboardInterrupt) -> str:
         f"{where} stopped by {reason} (time limit, scancel or preemption); the run is KILLED "
         "with the images finished so far; run the sweep again (same cache.dir) to resume"
     )
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End a requeued job's process without the interpreter's teardown: its run is closed and
+    its images cached, and a teardown that stalls (a thread or pool joined at exit) would hold
+    the node until SLURM kills the job `KillWait` seconds later, in the middle of its requeue."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
 
 
 # --------------------------------------------------------------------------- the console
@@ -126,12 +140,21 @@ class _OneSacctWarning(logging.Filter):
         return True
 
 
+SETTLE_S = 30.0  # how long a job must stay in an ended state before it counts as ended
+_ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+          "OUT_OF_MEMORY", "TIMEOUT")  # fmt: skip
+
+
 def _squeue_watcher(watcher: Any) -> None:
     """Make submitit's SLURM watcher read job states with `squeue` (no accounting needed).
 
     A job squeue no longer lists (ended more than MinJobAge ago) counts as ended: its result
     file says how, and a job that left none is reported failed instead of waited for forever.
+    A listed job in an ended state counts as ended only once it stayed so for `SETTLE_S`
+    seconds: a job being requeued can show one for a moment (a job that finished is seen by
+    its result file at once, so only a failure is reported later).
     """
+    ended_since: dict[str, float] = {}
 
     def command() -> list[str] | None:
         if not watcher._registered - watcher._finished:
@@ -147,10 +170,17 @@ def _squeue_watcher(watcher: Any) -> None:
             job, state, nodes = ([*line.strip().split("|"), "", ""])[:3]
             if job:
                 state = "REQUEUED" if state.startswith("REQUEUE") else state  # not done yet
-                info[job] = {"JobID": job, "State": state, "NodeList": nodes}
+                info[job] = {"JobID": job, "State": _settled(job, state), "NodeList": nodes}
         for job in watcher._registered - watcher._finished:
             info.setdefault(job, {"JobID": job, "State": "ENDED", "NodeList": ""})
         return info
+
+    def _settled(job: str, state: str) -> str:
+        if state not in _ENDED:
+            ended_since.pop(job, None)
+            return state
+        since = ended_since.setdefault(job, time.monotonic())
+        return state if time.monotonic() - since >= SETTLE_S else "COMPLETING"
 
     watcher._make_command = command
     watcher.read_info = read_info
@@ -175,8 +205,6 @@ POLL_S = 2.0  # how often the sweep asks SLURM whether its remaining jobs have e
 
 def _wait_for_registered_jobs() -> None:
     """Until every SLURM job this process submitted has ended (requeued ones included)."""
-    import time
-
     from submitit.slurm.slurm import SlurmJob
 
     watcher = SlurmJob.watcher
