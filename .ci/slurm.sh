@@ -8,7 +8,10 @@
 # one folder ($XAI_EXP_SLURM_DIR, default /tmp/xai-exp-slurm): its own munge key and socket,
 # slurm.conf, spool folders, logs and pid files, so it touches no system-wide SLURM or munge.
 # Controller and node daemons listen on free ports picked at start; the node is `hostname -s`
-# with the machine's real CPU count and memory. No accounting: `sacct` fails (submitit then
+# with the machine's real CPU count and memory. A requeued job waits cred_expire + 1 = 21 s
+# before it starts again (SLURM's default is 121 s; the wait lets the node forget the job's
+# revoked credential, so it must not be skipped), and the scheduler looks at pending jobs every
+# 5 s (default 60 s), so it starts about then. No accounting: `sacct` fails (submitit then
 # warns once; see xai_exp/slurm.py).
 set -euo pipefail
 
@@ -59,7 +62,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=20
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/d
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -73,6 +76,7 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5,bf_interval=5
 MpiDefault=none
 ReturnToService=2
 KillWait=30
