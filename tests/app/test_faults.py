@@ -500,6 +500,37 @@ def test_ctrl_c_while_a_finished_run_is_closed_closes_it_then_stops(
     assert run.info.status == "FINISHED"  # closed first, with the status it had earned
 
 
+def test_a_ctrl_c_that_an_error_replaced_still_stops_the_job_killed(
+    tracking_store, tmp_path, monkeypatch
+):
+    """Python ignores an interrupt raised in a finaliser ("Exception ignored in ..."), and the
+    code it cut short can fail later with an ordinary error (a pool or connection left half
+    closed): the job still ends as the Ctrl-C, KILLED and interrupted, not FAILED."""
+    from xai_exp.app import signals
+    from xai_exp.outputs.writer import ResultsWriter
+
+    def write_under_ctrl_c(self, index, result):
+        with contextlib.suppress(KeyboardInterrupt):  # as in a finaliser: printed, ignored
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        raise RuntimeError("cannot operate on a closed database")  # what it broke
+
+    monkeypatch.setattr(ResultsWriter, "__call__", write_under_ctrl_c)
+    cfg = compose_config(
+        [*TINY_STUDY, f"tracking.uri={tracking_store.uri}", f"cache.dir={tmp_path / 'cache'}"]
+    )
+    signals.install()
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped, signals.interruptible():
+            execute(cfg, JobContext(output_dir=tmp_path / "out"))
+    finally:
+        restore_default_signals()
+    assert isinstance(stopped.value.__cause__, RuntimeError)  # the error is kept as the cause
+    [run] = tracking_store.client.search_runs([tracking_store.experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["error"].startswith("KeyboardInterrupt")
+
+
 def test_an_interrupt_while_a_run_is_created_arrives_after_it():
     from xai_exp.app import signals
 

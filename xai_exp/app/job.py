@@ -625,7 +625,9 @@ def execute(cfg: StudyConfig, context: JobContext) -> float:
         report(job, results, summary)
         return summary["mean_iou"]
     except BaseException as caught:
-        error = caught
+        error = signals.prevailing(caught)  # an interrupt an exception replaced still stops it
+        if error is not caught:
+            raise error from caught
         raise
     finally:
         close(job, error)

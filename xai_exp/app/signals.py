@@ -214,6 +214,16 @@ def check() -> None:
         raise interrupt(_raised[-1])
 
 
+def prevailing(error: BaseException) -> BaseException:
+    """What ends a job that failed with `error`: an interrupt raised inside the block whose
+    place an exception took (Python ignored it in a finaliser and the code it cut short failed
+    later, or a library turned it into an error of its own) wins, so the job stops as
+    interrupted rather than as failed."""
+    if _raised and not isinstance(error, KeyboardInterrupt):
+        return interrupt(_raised[-1])
+    return error
+
+
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """Ignore SIGINT, SIGTERM and SIGHUP for the block (cleanup that must finish)."""
