@@ -35,8 +35,8 @@ def test_wheel_ships_conf_and_runs_studies_from_any_directory(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in REPO_ROOT.glob("conf/**/*.yaml"):
         assert f"xai_exp/{config.relative_to(REPO_ROOT).as_posix()}" in names
-    modules = sorted(p.relative_to(REPO_ROOT).as_posix() for p in PACKAGE.rglob("*.py"))
-    assert [m for m in modules if m not in names] == []  # every wing ships
+    modules = [p.relative_to(REPO_ROOT) for p in sorted(PACKAGE.rglob("*.py"))]
+    assert [m for m in modules if m.as_posix() not in names] == []  # every wing ships
 
     site = tmp_path / "site"
     _run(
@@ -53,10 +53,9 @@ def test_wheel_ships_conf_and_runs_studies_from_any_directory(tmp_path):
     assert Path(package.strip()).is_relative_to(site)
     # every module imports from the installed copy: the checkout's editable install must not
     # fill in what the wheel lacks
-    files = PACKAGE.rglob("*.py")
-    names = [".".join(p.relative_to(REPO_ROOT).with_suffix("").parts) for p in files]
+    dotted = [".".join(m.with_suffix("").parts) for m in modules]
     where = _run(
-        [sys.executable, "-c", f"import importlib\nfor n in {names!r}:\n"
+        [sys.executable, "-c", f"import importlib\nfor n in {dotted!r}:\n"
          "    print(importlib.import_module(n.removesuffix('.__init__')).__file__)"],
         elsewhere, env,
     )  # fmt: skip

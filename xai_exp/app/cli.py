@@ -189,6 +189,12 @@ def exit_fast(command: Callable[[], int]) -> NoReturn:
     if shutdown_threads is not None:
         shutdown_threads()
     atexit._run_exitfuncs()
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` at once: logging and the standard streams are flushed, and
+    nothing of the interpreter's teardown runs (no thread joined, no exit handler)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -24,15 +24,15 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from xai_exp.app import signals
+from xai_exp.app.cli import exit_now
 
 log = logging.getLogger("xai_exp")
 
@@ -79,8 +79,11 @@ def end_of_job(error: KeyboardInterrupt) -> str:
     if signals.preempted and _submitit_handler is not None:
         try:
             _submitit_handler(getattr(signal, preempt_signal()), None)  # requeue: SystemExit
-        except SystemExit as requeued:  # SLURM reruns the job: free the node at once
-            _exit_now(requeued.code)
+        except SystemExit as requeued:
+            # SLURM reruns the job: its run is closed and its images cached, and a teardown
+            # that stalls (a thread or pool joined at exit) would hold the node until SLURM
+            # kills the job `KillWait` seconds later, in the middle of its requeue
+            exit_now(requeued.code if isinstance(requeued.code, int) else 1)
         except Exception as refused:  # noqa: BLE001 - submitit's UncompletedJobError
             text = str(refused).removeprefix("Job not requeued because: ").rstrip(".")
             return (
@@ -92,16 +95,6 @@ def end_of_job(error: KeyboardInterrupt) -> str:
         f"{where} stopped by {reason} (time limit, scancel or preemption); the run is KILLED "
         "with the images finished so far; run the sweep again (same cache.dir) to resume"
     )
-
-
-def _exit_now(code: object) -> NoReturn:
-    """End a requeued job's process without the interpreter's teardown: its run is closed and
-    its images cached, and a teardown that stalls (a thread or pool joined at exit) would hold
-    the node until SLURM kills the job `KillWait` seconds later, in the middle of its requeue."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 1)
 
 
 # --------------------------------------------------------------------------- the console
